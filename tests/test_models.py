@@ -191,6 +191,16 @@ def test_save_weights_stores_fp32_cpu_from_bf16_channels_last(tmp_path):
         save_weights(model, tmp_path / "x.pkl", model_name="other")
 
 
+def test_wrapped_models_save_bare_keys_and_architecture(tmp_path):
+    model = _tiny()
+    flops = count_flops(model, 32, 32)
+    for wrapped in (nn.DataParallel(model), torch.compile(model, backend="eager")):
+        assert count_flops(wrapped, 32, 32) == flops
+        raw = torch.load(save_weights(wrapped, tmp_path / "w.pkl"), weights_only=True)
+        assert raw["model"].keys() == model.state_dict().keys()
+        assert raw["model_name"] == "mimo-unet" and raw["model_overrides"] == TINY
+
+
 def test_bare_and_ddp_prefixed_state_dicts_load(tmp_path):
     model = _tiny()
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")

@@ -1,7 +1,7 @@
 """MIMO-UNet family: build by name, load/save weights, count FLOPs (see docs/interfaces.md)."""
 
 from harness.models.flops import count_flops
-from harness.models.mimo_unet import ARCHITECTURES, MODEL_NAMES, MIMOUNet, create_model
+from harness.models.mimo_unet import ARCHITECTURES, MODEL_NAMES, MIMOUNet, create_model, unwrap_model
 from harness.models.weights import load_weights, model_from_checkpoint, read_checkpoint, save_weights
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "model_from_checkpoint",
     "read_checkpoint",
     "save_weights",
+    "unwrap_model",
 ]

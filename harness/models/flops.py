@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from harness.models.mimo_unet import unwrap_model
+
 
 def _conv_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
     kh, kw = module.kernel_size
@@ -19,12 +21,11 @@ def _conv_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torc
 def count_flops(model: nn.Module, h: int, w: int) -> int:
     """Forward FLOPs (2 x MACs of Conv2d / ConvTranspose2d) for one 3 x h x w image.
 
-    Runs a shape-only forward on a meta-device copy, so it costs no real compute or memory
-    and leaves `model` untouched. Element-wise work (ReLU, adds, resizes) is not counted,
+    Runs a shape-only forward on a meta-device copy, so it costs no real compute and leaves
+    `model` (and any DDP / torch.compile wrapper around it) untouched. Element-wise work (ReLU, adds, resizes) is not counted,
     the usual convention for these figures.
     """
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    shadow = copy.deepcopy(model).to("meta").eval()
+    shadow = copy.deepcopy(unwrap_model(model)).to("meta").eval()
     macs = 0
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

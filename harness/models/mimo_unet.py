@@ -131,3 +131,12 @@ def create_model(name: str, **overrides: Any) -> MIMOUNet:
     model = MIMOUNet(**{**ARCHITECTURES[name], **checked})
     model.arch = {"name": name, "overrides": checked}
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

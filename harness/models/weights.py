@@ -16,7 +16,7 @@ from torch import nn
 
 from harness.errors import HarnessError
 from harness.io import atomic_write
-from harness.models.mimo_unet import MODEL_NAMES, create_model
+from harness.models.mimo_unet import MODEL_NAMES, create_model, unwrap_model
 
 RESERVED_KEYS = ("model", "model_name", "model_overrides")
 # Wrappers that prefix every key: DistributedDataParallel/DeepSpeed ("module.") and torch.compile.
@@ -119,15 +119,6 @@ def model_from_checkpoint(path: str | os.PathLike, name: str | None = None, **ov
     return _load_state(model, ckpt["model"], path).eval()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP/DeepSpeed keep the real model in .module, torch.compile in ._orig_mod
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def save_weights(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Path:
     """Write `{"model": fp32 CPU state_dict, "model_name", "model_overrides", **extra}` atomically.
 
@@ -137,7 +128,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Pat
     clash = sorted(set(extra) & set(RESERVED_KEYS))
     if clash:
         raise HarnessError(f"save_weights: extra keys {clash} are reserved")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     sd = {
         k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
         for k, v in model.state_dict().items()
