@@ -1,0 +1,493 @@
+"""Train MIMO-UNet with DeepSpeed: `deepspeed harness/train.py --recipe recipes/plus.yaml [k=v ...]`.
+
+Also runs as `python harness/train.py ...` (one process), under torchrun, srun and Ray Train
+(`run()` reuses an existing process group). Read top to bottom: arguments -> preflight checks
+(before any rank does work) -> `run`: process group, model + DeepSpeed engine, resume, the loop
+(step, log, validate, checkpoint, stop on SIGTERM/SIGUSR1) -> export and summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script: put the repo root (not harness/, whose io.py & co would shadow
+    # stdlib/third-party modules) on sys.path, then run the importable module's main.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+    from harness.train import main as _main
+
+    sys.exit(_main())
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from harness import checkpoint, distributed  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
+from harness.io import atomic_write  # noqa: E402
+from harness.recipe import (  # noqa: E402
+    Recipe,
+    batch_split,
+    check_data,
+    deepspeed_config,
+    dump_recipe,
+    load_recipe,
+    lr_factor_fn,
+    total_steps,
+)
+
+SUMMARY = "summary.json"
+LOG = "log.jsonl"
+WEIGHTS = "weights.pkl"
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="harness/train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
+    p.add_argument("--run-dir", help="output directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint in the run dir), never, or a checkpoint tag dir")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and DeepSpeed config")
+    p.add_argument("--dry-run", action="store_true", help="validate recipe, shards and run dir, then exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.print_recipe:
+            print(describe(recipe, world_size))
+            return 0
+        run_dir = Path(args.run_dir) if args.run_dir else None
+        preflight(recipe, run_dir, world_size)
+        if args.dry_run:
+            print(f"ok: {recipe.source} ({total_steps(recipe)} steps, world size {world_size})")
+            return 0
+        summary = run(recipe, run_dir, resume=args.resume)
+    except HarnessError as exc:
+        # Every rank fails the same check; one line from rank 0 is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    if summary.get("stopped"):
+        print(f"train: stopped by signal at step {summary['final_step']}, checkpoint saved", file=sys.stderr)
+    return 0
+
+
+def describe(recipe: Recipe, world_size: int) -> str:
+    """The resolved recipe and the DeepSpeed config `run` would use at this world size."""
+    ds = json.dumps(deepspeed_config(recipe, world_size), indent=2)
+    return f"# recipe ({recipe.source})\n{dump_recipe(recipe)}\n# deepspeed config (world size {world_size})\n{ds}"
+
+
+def preflight(recipe: Recipe, run_dir: Path | None, world_size: int) -> None:
+    """Everything that can be checked before a rank starts work; raises one-line HarnessErrors."""
+    from harness.models import MODEL_NAMES
+
+    if recipe.model.name not in MODEL_NAMES:
+        raise HarnessError(f"{recipe.source}: model.name: {recipe.model.name!r}, expected one of {MODEL_NAMES}")
+    check_data(recipe)
+    batch_split(recipe, world_size)
+    total_steps(recipe)
+    if run_dir is not None:
+        check_writable(run_dir)
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise HarnessError(f"run dir {run_dir}: not writable ({exc.strerror or exc})") from None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class State:
+    """Loop counters stored in every checkpoint."""
+
+    step: int = 0  # optimizer steps attempted (skipped non-finite steps included)
+    skipped: int = 0
+    best_psnr: float = -math.inf
+    best_step: int = -1
+    mlflow_run_id: str | None = None
+    validations: int = 0
+
+
+class Run:
+    """One process's view of a training run: engine, loader, tracker and the files it writes."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path | None, resume: str, callbacks) -> None:
+        import torch
+
+        self.recipe, self.callbacks = recipe, callbacks
+        self.world = distributed.init()
+        torch.set_num_threads(recipe.train.threads or _default_threads())
+        self.run_dir = _agree_run_dir(run_dir, recipe, self.world)
+        self.ckpt_dir = checkpoint.checkpoint_dir(self.run_dir)
+        self.micro, self.accum = batch_split(recipe, self.world.size)
+        self.total = total_steps(recipe)
+        self.state = State()
+        self.stop_requested = False  # the loop stopped early (signal): checkpointed, not finished
+        self.stop_requested_by_signal = False  # set by the SIGTERM/SIGUSR1 handler
+        self._resume_tag = _find_resume(self.ckpt_dir, resume)
+        self._write_run_files()
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _write_run_files(self) -> None:
+        if self.world.is_main:
+            with atomic_write(self.run_dir / "recipe.yaml") as tmp:
+                tmp.write_text(dump_recipe(self.recipe))
+            with atomic_write(self.run_dir / "ds_config.json") as tmp:
+                tmp.write_text(json.dumps(deepspeed_config(self.recipe, self.world.size), indent=2))
+        distributed.barrier()
+
+    def build(self) -> None:
+        """Model, EMA, optimizer, LR schedule, DeepSpeed engine; then restore a checkpoint."""
+        import deepspeed
+        import torch
+
+        from harness.ema import EMA
+        from harness.models import create_model
+
+        r = self.recipe
+        distributed.seed_everything(r.train.seed, self.world.rank)  # same init weights on every rank
+        config = deepspeed_config(r, self.world.size)
+        load_tag, universal = None, False
+        if self._resume_tag:
+            load_tag, universal = checkpoint.prepare_load(self.ckpt_dir, self._resume_tag, self.world.size)
+            if universal:
+                config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        model = create_model(r.model.name, **r.model.overrides)
+        self.ema = EMA(model, r.train.ema_decay) if r.train.ema_decay else None
+        self.eval_model = create_model(r.model.name, **{**r.model.overrides}).eval()
+        optim_cls = torch.optim.AdamW if r.optim.name == "adamw" else torch.optim.Adam
+        optimizer = optim_cls(model.parameters(), lr=r.optim.lr, betas=r.optim.betas, eps=r.optim.eps,
+                              weight_decay=r.optim.weight_decay, foreach=True)
+        # Built on the raw optimizer and handed to DeepSpeed: engine.step() steps it, checkpoints hold it.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(r))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        loader_state = self._restore(load_tag) if load_tag else None
+        self.loader = self._make_loader(loader_state)
+
+    def _restore(self, tag: str) -> dict | None:
+        client, entry, same_world = checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
+        self.state = State(**client["state"])
+        if same_world:
+            distributed.set_rng_state(entry["rng"])
+        else:
+            # Elastic resume: RNG streams cannot map onto another world; derive fresh ones.
+            distributed.seed_everything(self.recipe.train.seed + self.state.step, self.world.rank)
+        if self.ema is not None:
+            checkpoint.load_ema(self.ema.model, self.ckpt_dir / tag)
+        self.log_event("resumed", tag=tag, world_size=self.world.size, saved_world_size=client["world_size"])
+        return entry["loader"]
+
+    def _make_loader(self, state: dict | None):
+        from harness.data.stream import train_loader
+
+        d = self.recipe.data
+        loader = train_loader(d.train, crop=d.crop, crops_per_image=d.crops_per_image, batch_size=self.micro,
+                              seed=self.recipe.train.seed, rank=self.world.rank, world_size=self.world.size,
+                              workers=d.workers, augment=d.augment)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+
+    def start_tracking(self) -> None:
+        from harness.tracking import Tracker
+
+        self.tracker = Tracker.create(self.recipe.tracking, self.run_dir, rank=self.world.rank,
+                                      resume_run_id=self.state.mlflow_run_id)
+        self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
+        if self.state.step == 0:
+            self.tracker.log_params({**self.recipe.model_dump(mode="json"), "world_size": self.world.size,
+                                     "gradient_accumulation": self.accum, "total_steps": self.total})
+        for name in ("recipe.yaml", "ds_config.json"):
+            self.tracker.log_artifact(self.run_dir / name)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        r = self.recipe
+        _install_stop_handlers(self)
+        batches = iter(self.loader)
+        bar = tqdm(total=self.total, initial=self.state.step, unit="step", mininterval=2.0,
+                   disable=not self.world.is_main, dynamic_ncols=True)
+        nonfinite_streak, t_start, steps_here = 0, time.perf_counter(), 0
+        self.engine.train()
+        while self.state.step < self.total:
+            t0 = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]  # the LR this step uses
+            loss, parts, wait, stop = self.one_step(batches)
+            self.state.step += 1
+            steps_here += 1
+            applied = self.engine.was_step_applied()
+            if applied:
+                nonfinite_streak = 0
+                if self.ema is not None:
+                    self.ema.update(self.engine.module)
+            else:
+                self.state.skipped += 1
+                nonfinite_streak += 1
+                self.log_event("skipped_step", step=self.state.step, streak=nonfinite_streak)
+                if nonfinite_streak >= r.train.max_nonfinite:
+                    self.save(best=False)
+                    raise HarnessError(f"{r.source}: non-finite loss or gradients for {nonfinite_streak} steps in "
+                                       f"a row (train.max_nonfinite); lower optim.lr or enable train.grad_clip")
+            dt = time.perf_counter() - t0
+            if self.state.step % r.train.log_every == 0 or self.state.step == self.total:
+                self.log_step(loss, parts, lr, dt, wait, bar)
+            bar.update(1)
+            validate = (self.state.step % r.eval.every == 0 or self.state.step == self.total) and r.data.val
+            if validate:
+                self.validate_and_save()
+            elif stop or self.state.step % r.checkpoint.every == 0 or self.state.step == self.total:
+                self.save(best=False)
+            if stop:
+                self.stop_requested = True
+                break
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        return {"images_per_sec": steps_here * r.train.global_batch / max(elapsed, 1e-9)}
+
+    def one_step(self, batches):
+        """Accumulate `accum` micro-batches and step; non-finite losses poison the step so that
+        DeepSpeed's overflow check skips it on every rank (no update, no LR step)."""
+        import torch
+
+        from harness.losses import mimo_loss
+        from harness.precision import input_dtype
+
+        r, dtype = self.recipe, input_dtype(self.recipe.train.precision)
+        loss_sum, parts_sum, wait, stop = 0.0, {}, 0.0, False
+        for _ in range(self.accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            outputs = self.engine(batch["blur"].to(self.engine.device, dtype))
+            loss, parts = mimo_loss(outputs, batch["sharp"].to(self.engine.device), fft_weight=r.loss.fft_weight,
+                                    scale_weights=r.loss.scale_weights)
+            bad, stop = distributed.any_flag(not torch.isfinite(loss).item(), self.stop_requested_by_signal)
+            if bad:
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            loss_sum += loss.item()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+        n = self.accum
+        return loss_sum / n, {k: v / n for k, v in parts_sum.items()}, wait, stop
+
+    # -- logging -----------------------------------------------------------------------
+
+    def log_step(self, loss: float, parts: dict, lr: float, dt: float, wait: float, bar) -> None:
+        mean_loss = distributed.all_sum([loss])[0] / self.world.size
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": self.state.step, "samples": self.state.step * self.recipe.train.global_batch,
+                  "loss": mean_loss, "loss_rank0": loss, **parts, "lr": lr,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "images_per_sec": self.recipe.train.global_batch / max(dt, 1e-9),
+                  "data_wait": wait / max(dt, 1e-9), "peak_mem_mb": _peak_memory_mb(),
+                  "skipped": self.state.skipped}
+        self.log_event("train", **record)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ips=f"{record['images_per_sec']:.1f}")
+        if self.state.step % self.recipe.tracking.log_every == 0:
+            self.tracker.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                                     step=self.state.step)
+
+    def log_event(self, event: str, **fields) -> None:
+        """Append one JSON line to <run_dir>/log.jsonl (rank 0 only)."""
+        if not self.world.is_main:
+            return
+        with open(self.run_dir / LOG, "a") as fh:
+            fh.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+    # -- validation and checkpoints ------------------------------------------------------
+
+    def validate_and_save(self) -> dict:
+        metrics = self.validate()
+        improved = metrics["val_psnr"] > self.state.best_psnr
+        if improved:
+            self.state.best_psnr, self.state.best_step = metrics["val_psnr"], self.state.step
+        tag_dir = self.save(best=improved)
+        self.log_event("validation", step=self.state.step, **metrics)
+        self.tracker.log_metrics(metrics, step=self.state.step)
+        if self.callbacks is not None and hasattr(self.callbacks, "on_validation"):
+            self.callbacks.on_validation(self.state.step, dict(metrics), tag_dir)
+        self.last_metrics = metrics
+        return metrics
+
+    def validate(self) -> dict:
+        """Each rank scores its share of the eval shards; sums are all-reduced (every image once)."""
+        import torch
+
+        from harness.data.stream import eval_loader
+        from harness.infer import deblur, evaluate
+        from harness.metrics import psnr
+
+        r = self.recipe
+        source = self.ema.model if self.ema is not None else self.engine.module
+        self.eval_model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+        pairs = eval_loader(r.data.val, rank=self.world.rank, world_size=self.world.size,
+                            max_images=r.eval.max_images)
+        keep = r.eval.images if self.world.is_main and self.state.validations % r.tracking.images_every == 0 else 0
+        kept: list = []
+        sums = [0.0, 0.0, 0.0, 0.0]
+        if len(pairs):
+            res = evaluate(self.eval_model, _keep_first(pairs, keep, kept), ensemble=r.eval.ensemble,
+                           precision=r.train.precision)
+            sums = [res.psnr * res.count, res.ssim * res.count, res.blurred_psnr * res.count, float(res.count)]
+        psnr_sum, ssim_sum, blurred_sum, count = distributed.all_sum(sums)
+        self.state.validations += 1
+        if kept:
+            with torch.no_grad():
+                items = []
+                for p in kept:
+                    restored = deblur(self.eval_model, p.blur[None], precision=r.train.precision)[0]
+                    items.append((p.key, p.blur, restored, p.sharp, float(psnr(restored[None], p.sharp[None])[0])))
+            self.tracker.log_triptychs(items, step=self.state.step)
+        self.engine.train()
+        return {"val_psnr": psnr_sum / count, "val_ssim": ssim_sum / count, "blurred_psnr": blurred_sum / count,
+                "val_images": int(count)}
+
+    def save(self, *, best: bool) -> Path:
+        shared = {"state": asdict(self.state), "recipe": self.recipe.model_dump(mode="json")}
+        tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, shared=shared,
+                                  per_rank={"loader": self.loader.state_dict()}, keep=self.recipe.checkpoint.keep,
+                                  ema_model=self.ema.model if self.ema else None, best=best)
+        self.log_event("checkpoint", step=self.state.step, tag=tag_dir.name)
+        return tag_dir
+
+    # -- the end -------------------------------------------------------------------------
+
+    def finish(self, perf: dict) -> dict:
+        """Export the final weights, write summary.json (rank 0) and close tracking."""
+        metrics = getattr(self, "last_metrics", {})
+        summary = {"final_step": self.state.step, "total_steps": self.total, "stopped": self.stop_requested,
+                   "val_psnr": metrics.get("val_psnr"), "val_ssim": metrics.get("val_ssim"),
+                   "blurred_psnr": metrics.get("blurred_psnr"),
+                   "best_psnr": self.state.best_psnr if self.state.best_step >= 0 else None,
+                   "best_step": self.state.best_step if self.state.best_step >= 0 else None,
+                   "skipped_steps": self.state.skipped, "world_size": self.world.size, **perf,
+                   "checkpoint": None, "run_dir": str(self.run_dir), "mlflow_run_id": self.state.mlflow_run_id}
+        if self.world.is_main and not self.stop_requested:
+            weights = checkpoint.export(self.run_dir, self.run_dir / WEIGHTS, ema=self.ema is not None)
+            summary["checkpoint"] = str(weights)
+            self.tracker.log_artifact(self.run_dir / LOG)
+            if summary["val_psnr"] is not None:
+                self.tracker.log_model(weights, summary["val_psnr"])
+        if self.world.is_main:
+            with atomic_write(self.run_dir / SUMMARY) as tmp:
+                tmp.write_text(json.dumps(summary, indent=2))
+        self.tracker.close("KILLED" if self.stop_requested else "FINISHED")
+        distributed.barrier()
+        return summary
+
+
+def run(recipe: Recipe, run_dir: str | os.PathLike | None, *, resume: str = "auto", callbacks=None) -> dict:
+    """Train `recipe` into `run_dir` (collective: call on every rank); returns the summary dict."""
+    job = Run(recipe, Path(run_dir) if run_dir else None, resume, callbacks)
+    job.build()
+    job.start_tracking()
+    try:
+        perf = job.train()
+    except BaseException:
+        job.tracker.close("FAILED")
+        job.loader.close()
+        raise
+    job.loader.close()
+    return job.finish(perf)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _default_threads() -> int:
+    """Share the cores between the ranks of this node instead of oversubscribing them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+def _agree_run_dir(run_dir: Path | None, recipe: Recipe, world) -> Path:
+    """Rank 0 names the default run dir (a timestamp) and every rank uses that name."""
+    import torch.distributed as dist
+
+    if run_dir is None:
+        name = [f"runs/{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(name, src=0)
+        run_dir = Path(name[0])
+    if world.is_main:
+        check_writable(run_dir)
+    distributed.barrier()
+    return run_dir
+
+
+def _find_resume(ckpt_dir: Path, resume: str) -> str | None:
+    """The complete tag to resume from: newest (auto), none (never), or an explicit tag dir."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tags = checkpoint.complete_tags(ckpt_dir)
+        return tags[-1] if tags else None
+    path = Path(resume)
+    if path.resolve().parent != ckpt_dir.resolve() or not checkpoint.is_complete(path):
+        raise HarnessError(f"--resume {resume}: expected 'auto', 'never' or a complete checkpoint in {ckpt_dir}")
+    return path.name
+
+
+def _keep_first(pairs, n: int, kept: list):
+    """Pass pairs through, remembering the first `n` (for triptychs) without a second pass."""
+    for i, pair in enumerate(pairs):
+        if i < n:
+            kept.append(pair)
+        yield pair
+
+
+def _peak_memory_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _install_stop_handlers(job: Run) -> None:
+    """SIGTERM/SIGUSR1 (Slurm preemption): finish the step, checkpoint on all ranks, exit 0."""
+
+    def request(signum, frame):
+        job.stop_requested_by_signal = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(sig, request)
+        except ValueError:  # not the main thread (e.g. some Ray setups): no preemption handling
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
