@@ -145,3 +145,17 @@ def test_eval_missing_data_is_one_line(tiny_weights, tmp_path, capsys):
     assert main(["eval", "--weights", str(weights), "--data", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "none: no such directory" in err
+
+
+def test_eval_shards_matches_folders(tiny_weights, synth_gopro, pack_shards, tmp_path):
+    _, weights = tiny_weights
+    shards = pack_shards(synth_gopro, split="test")
+    results = {}
+    for source in (["--data", synth_gopro / "test"], ["--shards", shards]):
+        out = tmp_path / f"{source[0][2:]}.json"
+        assert main(["eval", "--weights", str(weights), *map(str, source), "--json", str(out)]) == 0
+        results[source[0]] = json.loads(out.read_text())
+    folders, packed = results["--data"], results["--shards"]
+    assert packed["count"] == folders["count"] == 4
+    for metric in ("psnr", "ssim", "blurred_psnr", "blurred_ssim"):
+        assert packed[metric] == pytest.approx(folders[metric], abs=1e-9)  # lossless PNG shards
