@@ -143,11 +143,15 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
 def tar_keys(path: Path) -> list[str]:
     """Sample keys of a local tar in order, reading headers only (used to check resumed shards)."""
     keys: list[str] = []
-    with tarfile.open(path, "r:") as tf:
-        for name in tf.getnames():
-            key = name.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
+    try:
+        with tarfile.open(path, "r:") as tf:
+            names = tf.getnames()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise HarnessError(f"shard {path}: unreadable tar ({exc})") from None
+    for name in names:
+        key = name.split(".", 1)[0]
+        if not keys or keys[-1] != key:
+            keys.append(key)
     return keys
 
 

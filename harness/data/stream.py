@@ -4,9 +4,10 @@ How the training stream is built (all draws from numpy generators keyed by integ
 stream is a pure function of (seed, epoch, rank, world_size, worker lanes)):
 
 - Batch `g` of a rank (g = 0, 1, 2, ...) belongs to epoch `g // batches_per_epoch` and is made
-  by lane `g % lanes` (lanes = max(workers, 1)); torch's DataLoader fetches batch g from worker
-  g % workers, so each worker makes its own lane's batches in order (batch_size=None: the worker
-  batches, the DataLoader only transports).
+  by lane `g % lanes` (lanes = max(workers, 1)). torch's DataLoader asks its workers in turn,
+  starting with worker 0, so a DataLoader started at batch `s` gives worker w the lane
+  (s + w) % lanes, and each worker makes its lane's batches in order (batch_size=None: the
+  worker batches, the DataLoader only transports).
 - Epoch `e` deals the shards out to the `world_size * lanes` slots with a permutation keyed by
   (seed, e): disjoint shards per rank and worker (webdataset's split_by_node + split_by_worker).
   With fewer shards than slots, slots share shards (different draws), with a warning.
@@ -156,10 +157,12 @@ class TrainDataset(IterableDataset):
         return [self.urls[i] for i in picks]
 
     def __iter__(self):
-        lane, n_workers = _lane()
+        worker, n_workers = _lane()
         if n_workers != self.lanes:
             yield {_ERROR: f"loader built for {self.lanes} worker lane(s) but run with {n_workers} workers"}
             return
+        # A fresh DataLoader asks worker 0 first, so worker w makes the lane of batch start_batch + w.
+        lane = (worker + self.start_batch) % self.lanes
         try:
             yield from self._batches(lane)
         except HarnessError as exc:  # cross the worker boundary as one line, not a traceback
@@ -333,6 +336,7 @@ def train_loader(
         raise HarnessError("batch_size, crops_per_image and shuffle must be >= 1, workers >= 0")
     if on_error not in ("raise", "skip"):
         raise HarnessError(f"on_error {on_error!r}: expected 'raise' or 'skip'")
+    crop, augs = C.crop_size(crop), C.parse_augment(augment)
     urls, counts = resolve_source(source)
     if not urls:
         raise HarnessError(f"{source}: no shards")
@@ -347,9 +351,9 @@ def train_loader(
     if len(urls) < world_size * lanes:
         log.warning("%d shard(s) for %d ranks x %d workers: some share shards; pack more, smaller shards",
                     len(urls), world_size, lanes)
-    dataset = TrainDataset(urls, crop=C.crop_size(crop), crops_per_image=crops_per_image, batch_size=batch_size,
-                           seed=seed, rank=rank, world_size=world_size, lanes=lanes,
-                           augs=C.parse_augment(augment), batches_per_epoch=n, shuffle=shuffle, on_error=on_error)
+    dataset = TrainDataset(urls, crop=crop, crops_per_image=crops_per_image, batch_size=batch_size,
+                           seed=seed, rank=rank, world_size=world_size, lanes=lanes, augs=augs,
+                           batches_per_epoch=n, shuffle=shuffle, on_error=on_error)
     return TrainStream(dataset, workers)
 
 
