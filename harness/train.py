@@ -321,7 +321,8 @@ class Run:
         """Append one JSON line to <run_dir>/log.jsonl (rank 0 only)."""
         if not self.world.is_main:
             return
-        with open(self.run_dir / LOG, "a") as fh:
+        fields = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+        with open(self.run_dir / LOG, "a") as fh:  # strict JSON: non-finite values become null
             fh.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
 
     # -- validation and checkpoints ------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Real DeepSpeed launches on CPU ranks (gloo): smoke bf16 run + export, exact resume after
+SIGKILL, elastic resume 2 -> 1 -> 2 ranks with a preemption signal on one rank only.
+
+Exactness: on CPU in fp32 with one torch thread per rank every kernel is deterministic, so
+resuming from a checkpoint that restores weights, Adam moments, LR schedule, every rank's RNG
+states and loader position must reproduce the uninterrupted run *bit for bit* (tolerance 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from harness.checkpoint import complete_tags
+from tests.fixtures.launch import Launch
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 420
+# fp32, no EMA, larger crops so that steps take long enough to kill between checkpoints.
+FP32 = ["--recipe", "recipes/smoke.yaml", "train.steps=16", "checkpoint.every=6", "checkpoint.keep=2",
+        "eval.every=100", "train.ema_decay=null", "data.crop=64"]
+
+
+def _data(shards) -> list[str]:
+    return [f"data.train={shards['train']}", f"data.val={shards['test']}"]
+
+
+def _events(run_dir: Path, kind: str | None = None) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in lines if kind is None or e["event"] == kind]
+
+
+def _last_step(run_dir: Path) -> int:
+    return max((e["step"] for e in _events(run_dir, "train")), default=0)
+
+
+def _losses_after_resume(run_dir: Path) -> dict[int, float]:
+    events = _events(run_dir)
+    start = max(i for i, e in enumerate(events) if e["event"] == "resumed")
+    return {e["step"]: e["loss"] for e in events[start:] if e["event"] == "train"}
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory, train_shards) -> Path:
+    """Run A: 16 uninterrupted fp32 steps on 2 ranks (reference for resume tests)."""
+    run_dir = tmp_path_factory.mktemp("runA") / "run"
+    launch = Launch([*FP32, "--run-dir", str(run_dir), *_data(train_shards)], nprocs=2,
+                    log=run_dir.parent / "launch.log")
+    try:
+        assert launch.run(TIMEOUT) == 0, launch.output()[-3000:]
+    finally:
+        launch.kill()
+    return run_dir
+
+
+def test_smoke_bf16_two_ranks_validates_checkpoints_exports(launch_train, train_shards, tmp_path):
+    from harness.cli import main as mimo
+    from harness.models import create_model, load_weights
+
+    run_dir = tmp_path / "run"
+    launch = launch_train(["--recipe", "recipes/smoke.yaml", "--run-dir", run_dir, "train.precision=bf16",
+                           "train.steps=12", "eval.every=6", "checkpoint.every=4", "checkpoint.keep=2",
+                           *_data(train_shards)], nprocs=2)
+    assert launch.run(TIMEOUT) == 0, launch.output()[-3000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_step"] == 12 and summary["world_size"] == 2 and not summary["stopped"]
+    assert summary["skipped_steps"] == 0 and summary["images_per_sec"] > 0
+    vals = _events(run_dir, "validation")
+    assert [v["step"] for v in vals] == [6, 12]
+    # Distributed validation: the 4 test pairs are each scored once across the 2 ranks.
+    assert all(v["val_images"] == 4 for v in vals)
+    assert 10 < summary["blurred_psnr"] < 40 and math.isfinite(summary["val_psnr"])
+    assert summary["val_psnr"] == vals[-1]["val_psnr"]
+    train = _events(run_dir, "train")
+    assert [e["step"] for e in train] == list(range(1, 13))
+    assert all(math.isfinite(e["loss"]) and e["lr"] > 0 and e["samples"] == 4 * e["step"] for e in train)
+    assert {"content_x1", "fft_x1", "grad_norm", "data_wait", "peak_mem_mb"} <= set(train[0])
+
+    # keep=2 newest complete checkpoints, plus the best one by PSNR; each with its COMPLETE marker.
+    ckpts = run_dir / "checkpoints"
+    best = (ckpts / "best").read_text().strip()
+    assert set(complete_tags(ckpts)) == {"step00000008", "step00000012", best}
+    assert (ckpts / "latest").read_text().strip() == "step00000012"
+    assert (ckpts / "step00000012" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+
+    # Final export (EMA, since smoke.yaml sets ema_decay) loads in the public format.
+    assert summary["checkpoint"] == str(run_dir / "weights.pkl")
+    model = create_model("mimo-unet", num_res=1, base_channels=8)
+    load_weights(model, run_dir / "weights.pkl")
+    assert mimo(["export", str(run_dir), "--out", str(tmp_path / "ema.pkl"), "--ema"]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(_weights(tmp_path / "ema.pkl").values(),
+                                                 _weights(run_dir / "weights.pkl").values()))
+    # fp32 master weights of the best checkpoint (bf16 run): consolidated from the ZeRO shards.
+    assert mimo(["export", str(run_dir), "--out", str(tmp_path / "best.pkl"), "--tag", "best"]) == 0
+    exported = torch.load(tmp_path / "best.pkl", weights_only=True)
+    assert exported["model_name"] == "mimo-unet" and exported["model_overrides"] == {"num_res": 1, "base_channels": 8}
+    assert all(v.dtype == torch.float32 for v in exported["model"].values())
+    load_weights(create_model("mimo-unet", num_res=1, base_channels=8), tmp_path / "best.pkl")
+    assert mimo(["export", str(run_dir), "--out", str(tmp_path / "x.pkl"), "--tag", "step00000001"]) == 2
+
+
+def test_exact_resume_after_sigkill(launch_train, fp32_run, train_shards, tmp_path):
+    run_dir = tmp_path / "B"
+    args = [*FP32, "--run-dir", run_dir, *_data(train_shards)]
+    first = launch_train(args, nprocs=2)
+    first.wait_for(lambda: _last_step(run_dir) >= 8, timeout=TIMEOUT)  # checkpoint at 6, next at 12
+    first.kill()
+    killed_at = _last_step(run_dir)
+    assert not (run_dir / "summary.json").exists() and killed_at < 16
+    # A torn checkpoint newer than any complete one (files written, no COMPLETE) is never picked.
+    torn = run_dir / "checkpoints" / f"step{killed_at:08d}"
+    if not torn.exists():
+        torn.mkdir()
+        (torn / "mp_rank_00_model_states.pt").write_bytes(b"half a checkpoint")
+
+    second = launch_train([*args, "--resume", "auto"], nprocs=2)
+    assert second.run(TIMEOUT) == 0, second.output()[-3000:]
+    resumed = _events(run_dir, "resumed")[-1]
+    assert resumed["tag"] < f"step{killed_at:08d}", "the kill should land between checkpoints"
+    expected = {e["step"]: e["loss"] for e in _events(fp32_run, "train")}
+    after = _losses_after_resume(run_dir)
+    assert min(after) == int(resumed["tag"][4:]) + 1 and max(after) == 16
+    assert after == {s: expected[s] for s in after}  # bitwise equal losses
+    a, b = _weights(fp32_run / "weights.pkl"), _weights(run_dir / "weights.pkl")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary_a = json.loads((fp32_run / "summary.json").read_text())
+    summary_b = json.loads((run_dir / "summary.json").read_text())
+    assert summary_b["val_psnr"] == summary_a["val_psnr"] and summary_b["final_step"] == 16
+    assert not torn.exists()  # pruned once newer complete checkpoints exist
+
+
+def _rank_process(launch: Launch, rank: int) -> psutil.Process:
+    for child in psutil.Process(launch.proc.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"rank {rank} not found")
+
+
+def test_elastic_resume_two_to_one_and_back_with_preemption(launch_train, fp32_run, train_shards, tmp_path):
+    run_dir = tmp_path / "E"
+    shutil.copytree(fp32_run, run_dir)
+    lr_a = _events(fp32_run, "train")[-1]["lr"]
+    loss_a = sum(e["loss"] for e in _events(fp32_run, "train")[-4:]) / 4
+
+    # 2 ranks -> 1 (plain python): universal checkpoint, same global batch via accumulation.
+    one = launch_train([*FP32, "--run-dir", run_dir, "train.steps=20", *_data(train_shards)], nprocs=0)
+    assert one.run(TIMEOUT) == 0, one.output()[-3000:]
+    resumed = _events(run_dir, "resumed")[-1]
+    assert (resumed["tag"], resumed["saved_world_size"], resumed["world_size"]) == ("step00000016_universal", 2, 1)
+    assert json.loads((run_dir / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
+    steps = [e for e in _events(run_dir, "train") if e["step"] > 16]
+    assert [e["step"] for e in steps] == [17, 18, 19, 20] and steps[0]["samples"] == 68
+    assert steps[0]["lr"] == lr_a  # the schedule continues where it was (after the step-10 milestone)
+    # Weights and Adam moments carried over: the loss continues, it does not restart (~0.5).
+    assert sum(e["loss"] for e in steps) / 4 < 1.5 * loss_a
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
+
+    # 1 rank -> 2, then preemption: SIGUSR1 reaches rank 1 only; both ranks stop at the same step,
+    # checkpoint, and exit 0.
+    two = launch_train([*FP32, "--run-dir", run_dir, "train.steps=400", *_data(train_shards)], nprocs=2)
+    two.wait_for(lambda: _last_step(run_dir) >= 22, timeout=TIMEOUT)
+    _rank_process(two, 1).send_signal(signal.SIGUSR1)
+    assert two.run(TIMEOUT) == 0, two.output()[-3000:]
+    resumed = _events(run_dir, "resumed")[-1]
+    assert (resumed["saved_world_size"], resumed["world_size"]) == (1, 2)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stop = summary["final_step"]
+    assert summary["stopped"] and 22 <= stop < 400 and summary["world_size"] == 2
+    assert complete_tags(run_dir / "checkpoints")[-1] == f"step{stop:08d}"
+    assert [e["step"] for e in _events(run_dir, "train") if e["step"] > 20][0] == 21
