@@ -1,0 +1,154 @@
+"""The servable MLflow model: a pyfunc wrapping the deblurring network.
+
+Input: a DataFrame with one column `image` of encoded 8-bit RGB images (PNG/JPEG/... bytes, or
+base64 text as JSON clients send it). Output: a DataFrame with column `image` of deblurred PNG
+bytes, pixel-identical to `mimo deblur` with the same weights (same decode, `harness.infer.deblur`
+with its /4 padding, same 8-bit rounding). Runs on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from harness.errors import HarnessError
+from harness.io import to_uint8
+
+IMAGE_COLUMN = "image"
+WEIGHTS_ARTIFACT = "weights"
+
+
+def encode_png(chw) -> bytes:
+    """CHW float tensor in [0,1] -> PNG bytes (8-bit, rounded like `harness.io.write_image`)."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(chw)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes | str, row: int = 0):
+    """Encoded image bytes (or base64 text) -> CHW float32 tensor in [0,1]; HarnessError naming the row."""
+    import torch
+
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise HarnessError(f"{IMAGE_COLUMN}[{row}]: text is not base64-encoded image bytes") from None
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            img.load()
+            if img.mode != "RGB":
+                raise HarnessError(f"{IMAGE_COLUMN}[{row}]: expected an 8-bit RGB image, got mode {img.mode}")
+            arr = np.asarray(img, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise HarnessError(
+            f"{IMAGE_COLUMN}[{row}]: not a readable image ({exc.__class__.__name__})"
+        ) from None
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+class DeblurModel(mlflow.pyfunc.PythonModel):
+    """Pyfunc model: encoded blurred images in, deblurred PNG bytes out."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from harness.models import model_from_checkpoint
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model_from_checkpoint(context.artifacts[WEIGHTS_ARTIFACT]).to(self.device).eval()
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+        import torch
+
+        from harness.infer import deblur
+
+        images = _image_column(model_input)
+        out = []
+        with torch.inference_mode():
+            for row, data in enumerate(images):
+                x = decode_image(data, row).unsqueeze(0).to(self.device)
+                out.append(encode_png(deblur(self.model, x)[0].cpu()))
+        return pd.DataFrame({IMAGE_COLUMN: out})
+
+
+def _image_column(model_input) -> list:
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise HarnessError(
+                f"model input: expected a column {IMAGE_COLUMN!r}, got {list(model_input.columns)}"
+            )
+        return list(model_input[IMAGE_COLUMN])
+    if isinstance(model_input, (bytes, str)):
+        return [model_input]
+    return list(model_input)
+
+
+def signature_and_example():
+    """The model signature (binary `image` column in and out) and a tiny input example."""
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    schema = Schema([ColSpec(DataType.binary, IMAGE_COLUMN)])
+    # 6x10: not a multiple of 4, so the example also exercises the padding.
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return ModelSignature(inputs=schema, outputs=schema), pd.DataFrame({IMAGE_COLUMN: [buf.getvalue()]})
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the serving environment (given explicitly: MLflow's inference of
+    them loads the model in a subprocess, which is slow and brittle inside a training job).
+    The `harness` package itself must be installed there too (`pip install mimo-harness`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("mlflow", "torch", "numpy", "pillow", "pandas"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def log_deblur_model(weights_path: str | Path, *, name: str = "model", metadata: dict | None = None):
+    """Log the pyfunc into the active MLflow run -> `ModelInfo` (its `model_uri` is `models:/m-...`)."""
+    signature, example = signature_and_example()
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=DeblurModel(),
+        artifacts={WEIGHTS_ARTIFACT: str(weights_path)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        metadata=metadata,
+    )
+
+
+def weights_in_model_dir(model_dir: str | Path) -> Path:
+    """Path of the weights file inside a downloaded pyfunc model directory."""
+    from mlflow.models import Model
+
+    model_dir = Path(model_dir)
+    flavor = Model.load(str(model_dir / "MLmodel")).flavors.get("python_function", {})
+    entry = (flavor.get("artifacts") or {}).get(WEIGHTS_ARTIFACT)
+    if not entry:
+        raise HarnessError(
+            f"{model_dir}: MLflow model has no {WEIGHTS_ARTIFACT!r} artifact (not a mimo model)"
+        )
+    path = model_dir / (entry["path"] if isinstance(entry, dict) else entry)
+    if not path.is_file():
+        raise HarnessError(f"{path}: weights file missing from the downloaded model")
+    return path
