@@ -214,7 +214,7 @@ class Run:
         return loader
 
     def start_tracking(self) -> None:
-        from harness.tracking import Tracker
+        from harness.tracking import Tracker, dataset_tags
 
         self.tracker = Tracker.create(self.recipe.tracking, self.run_dir, rank=self.world.rank,
                                       resume_run_id=self.state.mlflow_run_id)
@@ -224,6 +224,8 @@ class Run:
                                      "gradient_accumulation": self.accum, "total_steps": self.total})
         for name in ("recipe.yaml", "ds_config.json"):
             self.tracker.log_artifact(self.run_dir / name)
+        # Which shards the run saw: tags with the sha256 of each manifest.json.
+        self.tracker.set_tags(dataset_tags(train=self.recipe.data.train, val=self.recipe.data.val))
 
     # -- the loop ----------------------------------------------------------------------
 
