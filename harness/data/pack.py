@@ -299,6 +299,8 @@ def merge_manifests(out: str | Path) -> dict[str, Any]:
             if m.get(field) != head.get(field):
                 raise HarnessError(f"{p}: field '{field}' differs from {parts[0].name}; parts of different packs")
     shards = sorted((e for m in loaded if m["part"][1] == count for e in m["shards"]), key=lambda e: e["name"])
+    if len(shards) != head["planned_shards"]:
+        raise HarnessError(f"{out}: parts list {len(shards)} shards, the plan has {head['planned_shards']}")
     skipped = {json.dumps(s, sort_keys=True): s for m in loaded for s in m["skipped"]}
     merged = {**head, "part": [0, 1], "parts_merged": count, "shards": shards,
               "total_samples": sum(e["samples"] for e in shards), "skipped": list(skipped.values()),
