@@ -102,7 +102,9 @@ def _blend_window(length: int, overlap: int, first: bool, last: bool, device: to
     return win
 
 
-def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+def _tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int
+) -> torch.Tensor:
     """Run `fn` on overlapping tiles and blend: memory bounded by the tile, not the image.
 
     The image is padded to /4 once, as untiled inference does, and tiles are /4 sized: tiles
@@ -116,8 +118,14 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
         return crop_to(fn(x), size)
     out = weight = None
     th, tw = min(tile, h), min(tile, w)
-    wins_y = {y0: _blend_window(th, overlap, y0 == 0, y0 + th == h, x.device) for y0 in _tile_starts(h, tile, overlap)}
-    wins_x = {x0: _blend_window(tw, overlap, x0 == 0, x0 + tw == w, x.device) for x0 in _tile_starts(w, tile, overlap)}
+    wins_y = {
+        y0: _blend_window(th, overlap, y0 == 0, y0 + th == h, x.device)
+        for y0 in _tile_starts(h, tile, overlap)
+    }
+    wins_x = {
+        x0: _blend_window(tw, overlap, x0 == 0, x0 + tw == w, x.device)
+        for x0 in _tile_starts(w, tile, overlap)
+    }
     for y0, wy in wins_y.items():
         for x0, wx in wins_x.items():
             y = fn(x[..., y0 : y0 + th, x0 : x0 + tw])
@@ -163,7 +171,9 @@ def deblur(
     squeeze = x.dim() == 3
     xb = x.unsqueeze(0) if squeeze else x
     if xb.dim() != 4 or xb.shape[1] != 3:
-        raise HarnessError(f"deblur: expected RGB images NCHW or CHW with 3 channels, got shape {tuple(x.shape)}")
+        raise HarnessError(
+            f"deblur: expected RGB images NCHW or CHW with 3 channels, got shape {tuple(x.shape)}"
+        )
     if tile is not None and not (8 <= tile and 0 <= overlap < tile - tile % 4):
         raise HarnessError(f"tile/overlap: expected tile >= 8 and 0 <= overlap < tile, got {tile}/{overlap}")
     device = _device_of(model)
@@ -230,7 +240,9 @@ def list_images(directory: str | os.PathLike, recursive: bool = False) -> list[P
     )
 
 
-def folder_pairs(root: str | os.PathLike, *, blur_dir: str = "blur", sharp_dir: str = "sharp") -> list[FramePair]:
+def folder_pairs(
+    root: str | os.PathLike, *, blur_dir: str = "blur", sharp_dir: str = "sharp"
+) -> list[FramePair]:
     """Blur/sharp pairs under `root`: `<scene>/blur/*.png` + `<scene>/sharp/*.png` (GoPro), or
     `root/blur` + `root/sharp` (one scene named after `root`). Images load lazily."""
     root = Path(root)
@@ -338,16 +350,20 @@ def evaluate(
     for item in tqdm(pairs, desc="eval", unit="img", disable=not progress):
         pair = item() if callable(item) else item
         blur, sharp = _check_pair(pair)
-        restored = deblur(model, blur[None], tile=tile, overlap=overlap, ensemble=ensemble, precision=precision)
+        restored = deblur(
+            model, blur[None], tile=tile, overlap=overlap, ensemble=ensemble, precision=precision
+        )
         restored, blur, sharp = restored.cpu(), blur[None], sharp[None]
-        rows.append({
-            "key": pair.key,
-            "scene": pair.scene,
-            "psnr": float(psnr(restored, sharp)[0]),
-            "ssim": float(ssim(restored, sharp)[0]),
-            "blurred_psnr": float(psnr(blur, sharp)[0]),
-            "blurred_ssim": float(ssim(blur, sharp)[0]),
-        })
+        rows.append(
+            {
+                "key": pair.key,
+                "scene": pair.scene,
+                "psnr": float(psnr(restored, sharp)[0]),
+                "ssim": float(ssim(restored, sharp)[0]),
+                "blurred_psnr": float(psnr(blur, sharp)[0]),
+                "blurred_ssim": float(ssim(blur, sharp)[0]),
+            }
+        )
     if not rows:
         raise HarnessError("evaluate: no image pairs to evaluate")
     return EvalResult.from_rows(rows)

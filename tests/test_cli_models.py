@@ -30,8 +30,9 @@ def tiny_weights(tmp_path_factory):
 
 
 def _mimo(*args):
-    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_checkpoint_round_trip_and_deblur_bit_identical(tiny_weights, synth_gopro, tmp_path):
@@ -56,7 +57,9 @@ def test_deblur_directory_mirrors_names(tiny_weights, synth_gopro, tmp_path):
     (src / "notes.txt").write_text("not an image: skipped by suffix")
     out = tmp_path / "out"
     assert main(["deblur", "--weights", str(weights), str(src), str(out)]) == 0
-    inputs = sorted(p.relative_to(src).with_suffix(".png") for p in src.rglob("*") if p.suffix in (".png", ".jpg"))
+    inputs = sorted(
+        p.relative_to(src).with_suffix(".png") for p in src.rglob("*") if p.suffix in (".png", ".jpg")
+    )
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == inputs
     with Image.open(out / "scene_001/extra.png") as img:
         assert (img.format, img.mode, img.size) == ("PNG", "RGB", (64, 64))
@@ -82,12 +85,20 @@ def _error_cases(tmp_path, model, weights, src, out):
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     return {
         "missing input": (["--weights", weights, tmp_path / "nope.png", out], "nope.png: no such file"),
-        "bad image": (["--weights", weights, _bad_png(tmp_path / "bad.png"), out], "bad.png: not a readable image"),
+        "bad image": (
+            ["--weights", weights, _bad_png(tmp_path / "bad.png"), out],
+            "bad.png: not a readable image",
+        ),
         "missing weights": (["--weights", tmp_path / "none.pth", src, out], "none.pth: no such weights file"),
         "garbage weights": (["--weights", _bad_png(tmp_path / "w.pth"), src, out], "w.pth: not a readable"),
-        "wrong architecture": (["--model", "mimo-unet-plus", "--weights", weights, src, out],
-                               "weights do not fit model mimo-unet-plus"),
-        "bare checkpoint": (["--weights", tmp_path / "bare.pth", src, out], "does not record its architecture"),
+        "wrong architecture": (
+            ["--model", "mimo-unet-plus", "--weights", weights, src, out],
+            "weights do not fit model mimo-unet-plus",
+        ),
+        "bare checkpoint": (
+            ["--weights", tmp_path / "bare.pth", src, out],
+            "does not record its architecture",
+        ),
         "out not png": (["--weights", weights, src, tmp_path / "out.jpg"], "must be a .png"),
     }
 
@@ -104,7 +115,9 @@ def _check_one_line_error(rc, stderr, message, out, tmp_path):
 @pytest.mark.parametrize("case", ["missing input", "bad image", "garbage weights", "wrong architecture"])
 def test_deblur_errors_are_one_line_process(case, tiny_weights, synth_gopro, tmp_path):
     out = tmp_path / "out.png"
-    argv, message = _error_cases(tmp_path, *tiny_weights, synth_gopro / "test/scene_000/blur/000000.png", out)[case]
+    argv, message = _error_cases(
+        tmp_path, *tiny_weights, synth_gopro / "test/scene_000/blur/000000.png", out
+    )[case]
     res = _mimo("deblur", *argv)
     _check_one_line_error(res.returncode, res.stderr, message, out, tmp_path)
 
@@ -112,7 +125,9 @@ def test_deblur_errors_are_one_line_process(case, tiny_weights, synth_gopro, tmp
 @pytest.mark.parametrize("case", ["missing weights", "bare checkpoint", "out not png"])
 def test_deblur_errors_are_one_line(case, tiny_weights, synth_gopro, tmp_path, capsys):
     out = tmp_path / "out.png"
-    argv, message = _error_cases(tmp_path, *tiny_weights, synth_gopro / "test/scene_000/blur/000000.png", out)[case]
+    argv, message = _error_cases(
+        tmp_path, *tiny_weights, synth_gopro / "test/scene_000/blur/000000.png", out
+    )[case]
     rc = main(["deblur", *map(str, argv)])
     _check_one_line_error(rc, capsys.readouterr().err, message, out, tmp_path)
 
@@ -120,8 +135,19 @@ def test_deblur_errors_are_one_line(case, tiny_weights, synth_gopro, tmp_path, c
 def test_eval_folders_json_csv(tiny_weights, synth_gopro, tmp_path, capsys):
     _, weights = tiny_weights
     data = synth_gopro / "test"
-    rc = main(["eval", "--weights", str(weights), "--data", str(data), "--json", str(tmp_path / "r.json"),
-               "--csv", str(tmp_path / "rows.csv")])
+    rc = main(
+        [
+            "eval",
+            "--weights",
+            str(weights),
+            "--data",
+            str(data),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--csv",
+            str(tmp_path / "rows.csv"),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "scene_000" in printed and "scene_001" in printed and "blur PSNR" in printed
@@ -135,8 +161,22 @@ def test_eval_folders_json_csv(tiny_weights, synth_gopro, tmp_path, capsys):
     assert len(rows) == 4 and float(rows[0]["blurred_psnr"]) == pytest.approx(float(direct[0]), abs=1e-9)
     assert float(rows[0]["psnr"]) != float(rows[0]["blurred_psnr"])
 
-    assert main(["eval", "--weights", str(weights), "--data", str(data), "--max-images", "1",
-                 "--json", str(tmp_path / "one.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(weights),
+                "--data",
+                str(data),
+                "--max-images",
+                "1",
+                "--json",
+                str(tmp_path / "one.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "one.json").read_text())["count"] == 1
 
 

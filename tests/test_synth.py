@@ -24,7 +24,10 @@ def test_layout_is_gopro(tmp_path):
     split = synthesize(tmp_path, scenes=2, frames=3, size=(40, 56), seed=0, split="test")
     assert split == tmp_path / "test"
     expected = sorted(
-        f"test/scene_{s:03d}/{kind}/{f:06d}.png" for s in range(2) for kind in ("blur", "sharp") for f in range(3)
+        f"test/scene_{s:03d}/{kind}/{f:06d}.png"
+        for s in range(2)
+        for kind in ("blur", "sharp")
+        for f in range(3)
     )
     assert _files(tmp_path) == expected  # nothing else: no temp files left behind
     with Image.open(tmp_path / "test/scene_001/blur/000002.png") as img:
@@ -81,7 +84,10 @@ def test_more_displacement_means_more_blur():
 def test_gopro_preset_blurs_in_any_direction():
     pairs = [synth_pair(s, (64, 64), preset="gopro") for s in range(6)]
     assert np.mean([_psnr(b, s) for b, s in pairs]) < 30
-    ratios = [(_grad_energy(b, 1) / _grad_energy(s, 1)) / (_grad_energy(b, 0) / _grad_energy(s, 0)) for b, s in pairs]
+    ratios = [
+        (_grad_energy(b, 1) / _grad_energy(s, 1)) / (_grad_energy(b, 0) / _grad_energy(s, 0))
+        for b, s in pairs
+    ]
     assert max(ratios) > 1.0  # some frames lose more vertical than horizontal detail
 
 
@@ -105,16 +111,45 @@ def test_bad_options_name_the_field(tmp_path, kwargs, field):
 
 
 def _mimo(*args):
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_synth(tmp_path):
-    res = _mimo("synth", "--out", str(tmp_path), "--scenes", "1", "--frames", "2", "--size", "24x40",
-                "--seed", "5", "--split", "test", "--preset", "gopro", "--displacement", "3-5")
+    res = _mimo(
+        "synth",
+        "--out",
+        str(tmp_path),
+        "--scenes",
+        "1",
+        "--frames",
+        "2",
+        "--size",
+        "24x40",
+        "--seed",
+        "5",
+        "--split",
+        "test",
+        "--preset",
+        "gopro",
+        "--displacement",
+        "3-5",
+    )
     assert res.returncode == 0, res.stderr
-    assert _files(tmp_path) == [f"test/scene_000/{k}/{f:06d}.png" for k in ("blur", "sharp") for f in range(2)]
-    expected = synthesize(tmp_path / "api", scenes=1, frames=2, size=(24, 40), seed=5, split="test",
-                          preset="gopro", displacement=(3, 5))
+    assert _files(tmp_path) == [
+        f"test/scene_000/{k}/{f:06d}.png" for k in ("blur", "sharp") for f in range(2)
+    ]
+    expected = synthesize(
+        tmp_path / "api",
+        scenes=1,
+        frames=2,
+        size=(24, 40),
+        seed=5,
+        split="test",
+        preset="gopro",
+        displacement=(3, 5),
+    )
     assert (tmp_path / "test/scene_000/blur/000001.png").read_bytes() == (
         expected / "scene_000/blur/000001.png"
     ).read_bytes()

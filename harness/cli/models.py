@@ -22,15 +22,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="architecture (mimo-unet, mimo-unet-plus); needed for bare public "
-                   "checkpoints, optional when the weights file records it")
+    p.add_argument(
+        "--model",
+        help="architecture (mimo-unet, mimo-unet-plus); needed for bare public "
+        "checkpoints, optional when the weights file records it",
+    )
     p.add_argument("--weights", required=True, help="weights file, or an MLflow models:/ or runs:/ URI")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--tile", type=int, help="run in tiles of N px (large images), blended over --overlap")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in px (default 32)")
-    p.add_argument("--ensemble", action="store_true",
-                   help="8-fold flip/rotation self-ensemble (MIMO-UNet+ -> MIMO-UNet++), 8x slower")
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="8-fold flip/rotation self-ensemble (MIMO-UNet+ -> MIMO-UNet++), 8x slower",
+    )
 
 
 def _register_deblur(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +61,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_options(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="GoPro-layout tree (<scene>/blur + <scene>/sharp) or a blur/ + sharp/ pair")
+    src.add_argument(
+        "--data", help="GoPro-layout tree (<scene>/blur + <scene>/sharp) or a blur/ + sharp/ pair"
+    )
     src.add_argument("--shards", help="directory of packed shards (manifest.json)")
     p.add_argument("--blur-dir", default="blur", help="blur folder name with --data (e.g. blur_gamma)")
     p.add_argument("--max-images", type=int, help="evaluate only the first N pairs")
@@ -93,7 +101,12 @@ def _pick_device(choice: str, torch):
 
 
 def _deblur_options(args: argparse.Namespace) -> dict:
-    return {"tile": args.tile, "overlap": args.overlap, "ensemble": args.ensemble, "precision": args.precision}
+    return {
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "ensemble": args.ensemble,
+        "precision": args.precision,
+    }
 
 
 # ---------------------------------------------------------------- deblur

@@ -20,9 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, required=True, help="blur/sharp pairs per scene")
     p.add_argument("--size", default="128x128", help="frame size HxW (default 128x128)")
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--split", default="train", help="split directory name, e.g. train or test (default train)")
-    p.add_argument("--preset", default="easy", choices=["easy", "gopro"],
-                   help="easy: horizontal 4-8 px; gopro: random direction 3-12 px, slight rotation and shake")
+    p.add_argument(
+        "--split", default="train", help="split directory name, e.g. train or test (default train)"
+    )
+    p.add_argument(
+        "--preset",
+        default="easy",
+        choices=["easy", "gopro"],
+        help="easy: horizontal 4-8 px; gopro: random direction 3-12 px, slight rotation and shake",
+    )
     p.add_argument("--displacement", help="blur length range in px, A-B (overrides the preset)")
     p.add_argument("--direction", choices=["horizontal", "random"], help="overrides the preset")
     p.add_argument("--rotation", type=float, help="max rotation in degrees during an exposure")

@@ -69,7 +69,9 @@ def make_motion(preset: str = "easy", **overrides) -> Motion:
 
 def _validate_motion(m: Motion) -> None:
     if not isinstance(m.subframes, int) or m.subframes < 3 or m.subframes % 2 == 0:
-        raise HarnessError(f"subframes: expected an odd integer >= 3 (the middle one is sharp), got {m.subframes}")
+        raise HarnessError(
+            f"subframes: expected an odd integer >= 3 (the middle one is sharp), got {m.subframes}"
+        )
     lo, hi = m.displacement
     if not (0 <= lo <= hi <= 256):
         raise HarnessError(f"displacement: expected 0 <= min <= max <= 256 px, got {lo}-{hi}")
@@ -146,12 +148,22 @@ def _draw_one(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: in
     elif kind == 2:  # thick line
         theta = rng.uniform(0, math.pi)
         dx, dy = size * math.cos(theta), size * math.sin(theta)
-        draw.line((cx - dx, cy - dy, cx + dx, cy + dy), fill=colour, width=max(1, int(size * rng.uniform(0.05, 0.25))))
-    else:  # rotated rectangle or random triangle/quad
+        draw.line(
+            (cx - dx, cy - dy, cx + dx, cy + dy),
+            fill=colour,
+            width=max(1, int(size * rng.uniform(0.05, 0.25))),
+        )
+    else:  # rotated square, or a random triangle/quad
         n = 4 if kind == 3 else int(rng.integers(3, 5))
-        angles = np.sort(rng.uniform(0, 2 * math.pi, n)) if kind == 4 else rng.uniform(0, 2 * math.pi) + np.arange(4) * math.pi / 2
+        angles = (
+            np.sort(rng.uniform(0, 2 * math.pi, n))
+            if kind == 4
+            else rng.uniform(0, 2 * math.pi) + np.arange(4) * math.pi / 2
+        )
         radii = size * (rng.uniform(0.4, 1.0, n) if kind == 4 else np.full(n, rng.uniform(0.4, 1.0)))
-        draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for r, a in zip(radii, angles)], fill=colour)
+        draw.polygon(
+            [(cx + r * math.cos(a), cy + r * math.sin(a)) for r, a in zip(radii, angles)], fill=colour
+        )
 
 
 def _add_stripes(rng: np.random.Generator, tex: np.ndarray) -> None:
@@ -322,8 +334,13 @@ def synthesize(
     if not split or "/" in split or split.startswith("."):
         raise HarnessError(f"split: expected a plain directory name such as train or test, got {split!r}")
     motion = make_motion(
-        preset, subframes=subframes, displacement=displacement, direction=direction,
-        rotation=rotation, shake=shake, gamma=gamma,
+        preset,
+        subframes=subframes,
+        displacement=displacement,
+        direction=direction,
+        rotation=rotation,
+        shake=shake,
+        gamma=gamma,
     )
     root = Path(out) / split
     bar = _progress(scenes * frames, progress)
