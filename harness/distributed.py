@@ -39,7 +39,8 @@ def prepare_env(env: dict[str, str] | None = None) -> dict[str, str]:
         env["RANK"] = env["SLURM_PROCID"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env.setdefault("MASTER_ADDR", _slurm_master_addr(env))
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _slurm_master_addr(env)
         # Same port on every task without talking to each other: derived from the job id.
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
     if "RANK" not in env:
@@ -139,7 +140,7 @@ def any_flag(*flags: bool) -> list[bool]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([float(f) for f in flags])
+    t = torch.tensor([float(f) for f in flags], device=_reduce_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
@@ -150,10 +151,20 @@ def all_sum(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def _reduce_device():
+    """Where small reductions live: NCCL reduces CUDA tensors only, gloo CPU tensors."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:

@@ -184,3 +184,17 @@ def test_elastic_resume_two_to_one_and_back_with_preemption(launch_train, fp32_r
     assert summary["stopped"] and 22 <= stop < 400 and summary["world_size"] == 2
     assert complete_tags(run_dir / "checkpoints")[-1] == f"step{stop:08d}"
     assert [e["step"] for e in _events(run_dir, "train") if e["step"] > 20][0] == 21
+
+
+def test_nonfinite_steps_are_skipped_then_abort_with_one_line(launch_train, train_shards, tmp_path):
+    # lr 1e30: step 1 is finite, then the weights explode and every later loss is NaN/inf.
+    run_dir = tmp_path / "nan"
+    launch = launch_train(["--recipe", "recipes/smoke.yaml", "--run-dir", run_dir, "optim.lr=1e30",
+                           "train.max_nonfinite=3", *_data(train_shards)], nprocs=0)
+    assert launch.run(TIMEOUT) == 2
+    errors = [line for line in launch.output().splitlines() if line.startswith("train: error:")]
+    assert errors == ["train: error: recipes/smoke.yaml: non-finite loss or gradients for 3 steps in a row "
+                      "(train.max_nonfinite); lower optim.lr or enable train.grad_clip"]
+    skipped = _events(run_dir, "skipped_step")
+    assert [(e["step"], e["streak"]) for e in skipped] == [(2, 1), (3, 2), (4, 3)]
+    assert not (run_dir / "summary.json").exists()
