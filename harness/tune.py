@@ -636,10 +636,14 @@ def _now_ms() -> int:
 
 
 def _close_child(client, row: dict) -> None:
-    run = client.get_run(row["mlflow_run_id"])
-    client.set_tag(row["mlflow_run_id"], "mimo.tune.status", row["status"])
-    if run.info.status == "RUNNING":  # the trainer never closed it: stopped by ASHA, or failed
-        client.set_terminated(row["mlflow_run_id"], "KILLED" if row["status"] == "STOPPED" else "FAILED")
+    """An ASHA-stopped trial reads KILLED (the trainer saw Tune's stop as a failure, or never
+    closed its run); a trial still RUNNING after the experiment failed."""
+    run_id = row["mlflow_run_id"]
+    client.set_tag(run_id, "mimo.tune.status", row["status"])
+    if row["status"] == "STOPPED":
+        client.set_terminated(run_id, "KILLED")
+    elif client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 def register_best(spec: TuneSpec, best: dict) -> int | None:
