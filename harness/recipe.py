@@ -49,6 +49,8 @@ class OptimCfg(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    # torch's Adam kernels: "foreach" (multi-tensor), "fused" (one kernel; CUDA and CPU), "loop" (per tensor).
+    impl: Literal["foreach", "fused", "loop"] = "foreach"
 
 
 class ScheduleCfg(_Section):
@@ -78,6 +80,10 @@ class TrainCfg(_Section):
     max_nonfinite: int = Field(20, ge=1)  # abort after this many non-finite steps in a row
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per rank (None: cores / local ranks)
     log_every: int = Field(10, ge=1)  # steps between log.jsonl records
+    # Speed switches (benchmarks/README.md has the numbers): NHWC (channels_last) activations, and
+    # torch.compile of the model (minutes of compilation up front; pays off on long GPU runs).
+    channels_last: bool = False
+    compile: bool = False
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainCfg:

@@ -44,6 +44,7 @@ from harness.recipe import (  # noqa: E402
 )
 
 SUMMARY = "summary.json"
+STOP_POLL = 10  # steps between cross-rank checks for a stop signal (when logging is sparser)
 LOG = "log.jsonl"
 WEIGHTS = "weights.pkl"
 
@@ -177,15 +178,22 @@ class Run:
             if universal:
                 config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
         model = create_model(r.model.name, **r.model.overrides)
+        # train.channels_last converts the inputs only: DeepSpeed's broadcast and ZeRO's flat
+        # buffers need contiguous NCHW weights, and convs follow an NHWC input anyway.
+        if torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest conv algorithms once
         self.ema = EMA(model, r.train.ema_decay) if r.train.ema_decay else None
         self.eval_model = create_model(r.model.name, **{**r.model.overrides}).eval()
         optim_cls = torch.optim.AdamW if r.optim.name == "adamw" else torch.optim.Adam
         optimizer = optim_cls(model.parameters(), lr=r.optim.lr, betas=r.optim.betas, eps=r.optim.eps,
-                              weight_decay=r.optim.weight_decay, foreach=True)
+                              weight_decay=r.optim.weight_decay, foreach=r.optim.impl == "foreach",
+                              fused=r.optim.impl == "fused" or None)
         # Built on the raw optimizer and handed to DeepSpeed: engine.step() steps it, checkpoints hold it.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(r))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        if r.train.compile:
+            self.engine.compile()  # in place: state_dict keys (checkpoints, EMA, export) stay unprefixed
         loader_state = self._restore(load_tag) if load_tag else None
         self.loader = self._make_loader(loader_state)
 
@@ -238,13 +246,18 @@ class Run:
         bar = tqdm(total=self.total, initial=self.state.step, unit="step", mininterval=2.0,
                    disable=not self.world.is_main, dynamic_ncols=True)
         nonfinite_streak, t_start, steps_here = 0, time.perf_counter(), 0
+        t_log, step_log, wait_log = t_start, self.state.step, 0.0
         self.engine.train()
         while self.state.step < self.total:
-            t0 = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]  # the LR this step uses
-            loss, parts, wait, stop = self.one_step(batches)
+            loss, parts, wait = self.one_step(batches)
             self.state.step += 1
             steps_here += 1
+            wait_log += wait
+            log = self.state.step % r.train.log_every == 0 or self.state.step == self.total
+            # Stop requests are agreed on across ranks at log steps (and at least every STOP_POLL
+            # steps) rather than every step: each poll is a host sync.
+            stop = (log or self.state.step % STOP_POLL == 0) and self.stop_agreed()
             applied = self.engine.was_step_applied()
             if applied:
                 nonfinite_streak = 0
@@ -258,9 +271,11 @@ class Run:
                     self.save(best=False)
                     raise HarnessError(f"{r.source}: non-finite loss or gradients for {nonfinite_streak} steps in "
                                        f"a row (train.max_nonfinite); lower optim.lr or enable train.grad_clip")
-            dt = time.perf_counter() - t0
-            if self.state.step % r.train.log_every == 0 or self.state.step == self.total:
-                self.log_step(loss, parts, lr, dt, wait, bar)
+            if log:  # mean step time since the last log (GPU work is async: per-step wall time is not)
+                now = time.perf_counter()
+                n = self.state.step - step_log
+                self.log_step(loss, parts, lr, (now - t_log) / n, wait_log / n, bar)
+                t_log, step_log, wait_log = now, self.state.step, 0.0
             bar.update(1)
             validate = (self.state.step % r.eval.every == 0 or self.state.step == self.total) and r.data.val
             if validate:
@@ -276,35 +291,57 @@ class Run:
 
     def one_step(self, batches):
         """Accumulate `accum` micro-batches and step; non-finite losses poison the step so that
-        DeepSpeed's overflow check skips it on every rank (no update, no LR step)."""
-        import torch
+        DeepSpeed's overflow check skips it on every rank (no update, no LR step).
 
+        Returns the mean loss and parts as 0-d device tensors (no host sync here: they are read
+        at log steps only) and the seconds spent waiting for data.
+        """
         from harness.losses import mimo_loss
         from harness.precision import input_dtype
 
         r, dtype = self.recipe, input_dtype(self.recipe.train.precision)
-        loss_sum, parts_sum, wait, stop = 0.0, {}, 0.0, False
+        loss_sum, parts_sum, wait = 0.0, {}, 0.0
         for _ in range(self.accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
-            outputs = self.engine(batch["blur"].to(self.engine.device, dtype))
-            loss, parts = mimo_loss(outputs, batch["sharp"].to(self.engine.device), fft_weight=r.loss.fft_weight,
+            outputs = self.engine(self._to_device(batch["blur"], dtype))
+            loss, parts = mimo_loss(outputs, self._to_device(batch["sharp"]), fft_weight=r.loss.fft_weight,
                                     scale_weights=r.loss.scale_weights)
-            bad, stop = distributed.any_flag(not torch.isfinite(loss).item(), self.stop_requested_by_signal)
-            if bad:
-                loss = loss * float("nan")
+            loss = loss * self._poison(loss)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            loss_sum += loss.item()
+            loss_sum = loss_sum + loss.detach()
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
         n = self.accum
-        return loss_sum / n, {k: v / n for k, v in parts_sum.items()}, wait, stop
+        return loss_sum / n, {k: v / n for k, v in parts_sum.items()}, wait
+
+    def _to_device(self, t, dtype=None):
+        """Non-blocking copy (the stream pins memory on CUDA), NHWC when train.channels_last."""
+        import torch
+
+        t = t.to(self.engine.device, non_blocking=True).to(dtype or torch.float32)
+        return t.contiguous(memory_format=torch.channels_last) if self.recipe.train.channels_last else t
+
+    def _poison(self, loss):
+        """1.0, or NaN when the loss is non-finite on any rank; all-reduced on the device, no host sync."""
+        import torch
+        import torch.distributed as dist
+
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.world.size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return torch.where(bad[0] > 0, float("nan"), 1.0)
+
+    def stop_agreed(self) -> bool:
+        """True on every rank when any rank was asked to stop (SIGTERM/SIGUSR1)."""
+        return distributed.any_flag(self.stop_requested_by_signal)[0]
 
     # -- logging -----------------------------------------------------------------------
 
-    def log_step(self, loss: float, parts: dict, lr: float, dt: float, wait: float, bar) -> None:
+    def log_step(self, loss, parts: dict, lr: float, dt: float, wait: float, bar) -> None:
+        loss, parts = float(loss), {k: float(v) for k, v in parts.items()}  # the host sync, at log steps only
         mean_loss = distributed.all_sum([loss])[0] / self.world.size
         grad_norm = self.engine.get_global_grad_norm()
         record = {"step": self.state.step, "samples": self.state.step * self.recipe.train.global_batch,
