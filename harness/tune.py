@@ -44,6 +44,7 @@ TRIALS = "trials"  # <exp>/trials/<trial_id>: the trainer's run dir of each tria
 RUN_ID_FILE = "mlflow_run_id"  # the trial's MLflow child run, created once
 POINTER = "tune_pointer.json"  # what a Tune checkpoint holds: the trainer checkpoint tag
 METRICS = ("val_psnr", "val_ssim")
+VALIDATION = "validation"  # reported with each result: 1, 2, ... (ASHA's time attribute)
 SEARCH_ALGS = ("random", "grid", "optuna")
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 SEARCH_KEYS = {"name", "storage_path", "metric", "mode", "num_samples", "max_concurrent", "search_alg",
@@ -99,7 +100,7 @@ class TuneSpec:
 
     @property
     def max_t(self) -> int:
-        """Validations of a full trial (ASHA's time unit is Tune's training_iteration)."""
+        """Validations of a full trial: ASHA's time unit (the reported `validation` index)."""
         recipe = self.base_recipe
         total, every = total_steps(recipe), recipe.eval.every
         return total // every + (total % every != 0)
@@ -377,7 +378,9 @@ def trial_scheduler(spec: TuneSpec):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=spec.max_t,
+    # The validation index comes from the trainer's step, not from Tune's report counter: a trial
+    # resumed from a trainer checkpoint newer than Tune's saved state still counts right.
+    return ASHAScheduler(time_attr=VALIDATION, max_t=spec.max_t,
                          grace_period=min(spec.scheduler["grace_period"], spec.max_t),
                          reduction_factor=spec.scheduler["reduction_factor"])
 
@@ -409,7 +412,7 @@ def run_trial(config: dict, spec: TuneSpec) -> None:
     run_id = child_run(spec, trial_id, run_dir)
     if spec.resources["workers"] == 1:
         resume = resume_point(tune.get_checkpoint(), run_dir)
-        _train_here(recipe, run_dir, resume, run_id, TuneReporter(total_steps(recipe)))
+        _train_here(recipe, run_dir, resume, run_id, TuneReporter(recipe))
         return
     _fit_torch_trainer(spec, recipe, run_dir, run_id, trial_id)
 
@@ -458,7 +461,7 @@ def train_worker(cfg: dict) -> None:
     run_dir = Path(cfg["run_dir"])
     rank = ray.train.get_context().get_world_rank()
     resume = resume_point(ray.train.get_checkpoint(), run_dir)
-    reporter = TrainReporter(total_steps(recipe), rank)
+    reporter = TrainReporter(recipe, rank)
     _train_here(recipe, run_dir, resume, cfg["run_id"] if rank == 0 else None, reporter)
 
 
@@ -469,8 +472,8 @@ class _Reporter:
     ASHA as soon as Tune sees that report, and the trainer must first export its weights,
     write summary.json and close its MLflow run."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    def __init__(self, recipe: Recipe) -> None:
+        self.total, self.every = total_steps(recipe), recipe.eval.every
         self.final: tuple | None = None
 
     def on_validation(self, step: int, metrics: dict, checkpoint_dir: Path) -> None:
@@ -485,7 +488,8 @@ class _Reporter:
             self.final = None
 
     def _send(self, step: int, metrics: dict, checkpoint_dir: Path) -> None:
-        metrics = {**{k: float(v) for k, v in metrics.items()}, "step": step}
+        metrics = {**{k: float(v) for k, v in metrics.items()}, "step": step,
+                   VALIDATION: -(-step // self.every)}  # validations happen at every-th steps and the last
         with tempfile.TemporaryDirectory(prefix="mimo-tune-ckpt-") as tmp:
             pointer = {"tag": Path(checkpoint_dir).name, "step": step}
             Path(tmp, POINTER).write_text(json.dumps(pointer))
@@ -503,8 +507,8 @@ class TuneReporter(_Reporter):
 
 
 class TrainReporter(_Reporter):
-    def __init__(self, total: int, rank: int) -> None:
-        super().__init__(total)
+    def __init__(self, recipe: Recipe, rank: int) -> None:
+        super().__init__(recipe)
         self.rank = rank
 
     def report(self, metrics: dict, pointer_dir: str) -> None:
@@ -670,21 +674,21 @@ def register_best(spec: TuneSpec, best: dict) -> int | None:
 
 
 def result_rows(spec: TuneSpec, grid) -> list[dict]:
-    """One row per trial: status, iterations, last and best metric, its sampled values."""
+    """One row per trial: status, validations reached, last and best metric, its sampled values."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        iterations = int(metrics.get("training_iteration") or 0)
+        validations = int(metrics.get(VALIDATION) or 0)
         history = result.metrics_dataframe
         best_metric = None
         if history is not None and spec.metric in history:
             series = history[spec.metric]
             best_metric = float(series.max() if spec.mode == "max" else series.min())
-        status = "ERROR" if result.error else ("TERMINATED" if iterations >= spec.max_t else "STOPPED")
+        status = "ERROR" if result.error else ("TERMINATED" if validations >= spec.max_t else "STOPPED")
         run_dir = spec.exp_dir / TRIALS / str(trial_id)
         run_id_file = run_dir / RUN_ID_FILE
-        rows.append({"trial_id": trial_id, "status": status, "iterations": iterations,
+        rows.append({"trial_id": trial_id, "status": status, VALIDATION: validations,
                      "step": metrics.get("step"), "val_psnr": metrics.get("val_psnr"),
                      "val_ssim": metrics.get("val_ssim"), f"best_{spec.metric}": best_metric,
                      "params": spec.sampled_fields(result.config or {}), "run_dir": str(run_dir),
@@ -704,7 +708,7 @@ def pick_best(spec: TuneSpec, rows: list[dict]) -> dict | None:
 
 def write_results(spec: TuneSpec, rows: list[dict]) -> Path:
     keys = sorted({k for r in rows for k in r["params"]})
-    head = ["trial_id", "status", "iterations", "step", "val_psnr", "val_ssim", f"best_{spec.metric}", *keys,
+    head = ["trial_id", "status", VALIDATION, "step", "val_psnr", "val_ssim", f"best_{spec.metric}", *keys,
             "mlflow_run_id", "run_dir"]
     path = spec.exp_dir / RESULTS
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -725,8 +729,8 @@ def _cell(value) -> str:
 
 def format_table(spec: TuneSpec, rows: list[dict]) -> str:
     keys = sorted({k for r in rows for k in r["params"]})
-    head = ["trial", "status", "iter", spec.metric, *keys]
-    body = [[str(r["trial_id"]), r["status"], str(r["iterations"]), _cell(r[spec.metric]),
+    head = ["trial", "status", "val#", spec.metric, *keys]
+    body = [[str(r["trial_id"]), r["status"], str(r[VALIDATION]), _cell(r[spec.metric]),
              *(_cell(r["params"].get(k)) for k in keys)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body])

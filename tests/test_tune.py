@@ -100,8 +100,8 @@ def test_asha_mlflow_best_recipe(ray_head, mlflow_server, train_shards, tmp_path
     rows = read_results(exp)
     assert len(rows) == 4
     # ASHA (grace 1 validation, reduction 2) stops at least one trial early; one runs to the end.
-    assert any(r["status"] == "STOPPED" and int(r["iterations"]) < 4 for r in rows), rows
-    assert any(r["status"] == "TERMINATED" and int(r["iterations"]) == 4 for r in rows), rows
+    assert any(r["status"] == "STOPPED" and int(r["validation"]) < 4 for r in rows), rows
+    assert any(r["status"] == "TERMINATED" and int(r["validation"]) == 4 for r in rows), rows
     assert "best: trial" in driver.output()
 
     client = mlflow.MlflowClient(mlflow_server)
@@ -155,33 +155,46 @@ def test_killed_experiment_resumes_from_checkpoints(ray_head, train_shards, tmp_
     driver = Driver(args, ray_head, tmp_path / "driver.log")
 
     def progress() -> tuple[list[Path], list[Path]]:
-        finished = sorted(trials.glob("*/summary.json"))
-        mid = [d for d in trials.glob("*") if not (d / "summary.json").exists()
+        """(run dirs of trials Tune has recorded as done, run dirs of trials part-way)."""
+        done = [trials / t for t in tune_terminated(exp)]
+        mid = [d for d in trials.glob("*") if d not in done and not (d / "summary.json").exists()
                and any(d.glob("checkpoints/step*/COMPLETE"))]
-        return finished, mid
+        return done, mid
 
     deadline = time.monotonic() + 360
-    while not (progress()[0] and progress()[1]):  # one trial done, another one part-way
+    while not all(progress()):  # one trial done (in Tune's saved state), another one part-way
         assert driver.proc.poll() is None, driver.output()[-4000:]
         assert time.monotonic() < deadline, driver.output()[-4000:]
         time.sleep(0.2)
     driver.kill()  # SIGKILL to the driver's process group: Ray ends the job's trials
     wait_quiet(trials, 3.0, timeout=60)
-    finished, mid = progress()
-    stamps = {p: p.stat().st_mtime_ns for p in finished}
+    done, mid = progress()
+    stamps = {d: (d / "summary.json").stat().st_mtime_ns for d in done}
     assert not (exp / "results.csv").exists()
 
     resumed = Driver(["--resume", exp], ray_head, tmp_path / "resume.log")
     assert resumed.wait(480) == 0, resumed.output()[-4000:]
     rows = read_results(exp)
     assert len(rows) == 3 and {r["status"] for r in rows} == {"TERMINATED"}, rows
-    assert all(int(r["iterations"]) == 4 and int(r["step"]) == 20 for r in rows), rows
+    assert all(int(r["validation"]) == 4 and int(r["step"]) == 20 for r in rows), rows
     assert len(list(trials.iterdir())) == 3
-    for path, stamp in stamps.items():  # finished trials were not run again
-        assert path.stat().st_mtime_ns == stamp
+    for d, stamp in stamps.items():  # finished trials were not run again
+        assert (d / "summary.json").stat().st_mtime_ns == stamp
     events = [json.loads(line) for d in mid for line in (d / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resumed" for e in events), "an interrupted trial restarted from scratch"
     assert (exp / "best_recipe.yaml").is_file()
+
+
+def tune_terminated(exp: Path) -> list[str]:
+    """Trial ids that Tune's saved experiment state records as TERMINATED."""
+    out = []
+    for path in exp.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):  # being written: try again later
+            continue
+        out += [t["trial_id"] for t in (json.loads(item[0]) for item in trials) if t["status"] == "TERMINATED"]
+    return out
 
 
 def wait_quiet(root: Path, quiet: float, timeout: float) -> None:
@@ -212,7 +225,7 @@ def test_two_worker_trial_runs_torchtrainer_deepspeed(ray_head, train_shards, tm
     assert driver.wait(480) == 0, driver.output()[-4000:]
     exp = tmp_path / "tune-smoke"
     rows = read_results(exp)
-    assert len(rows) == 1 and rows[0]["status"] == "TERMINATED" and int(rows[0]["iterations"]) == 2, rows
+    assert len(rows) == 1 and rows[0]["status"] == "TERMINATED" and int(rows[0]["validation"]) == 2, rows
     summary = json.loads((Path(rows[0]["run_dir"]) / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["final_step"] == 10
     assert float(rows[0]["val_psnr"]) == pytest.approx(summary["val_psnr"], rel=1e-5)
