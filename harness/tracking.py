@@ -207,6 +207,8 @@ def open_hint(tracking_uri: str, run_id: str | None) -> str:
     uri = redact(tracking_uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')} (run {run_id})"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to the cwd
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return f"open it with `mlflow ui --backend-store-uri {uri}` (run {run_id})"
 
 
@@ -284,7 +286,6 @@ class MlflowTracker(Tracker):
         retry_seconds: float = RETRY_SECONDS,
         log_environment: bool = True,
     ):
-        import mlflow
 
         for key, value in _HTTP_ENV.items():
             os.environ.setdefault(key, value)
@@ -292,7 +293,7 @@ class MlflowTracker(Tracker):
         self.run_dir = Path(run_dir)
         self.uri = resolve_tracking_uri(cfg.tracking_uri)
         _set_global_tracking_uri(self.uri)  # the fluent API (start_run, pyfunc.log_model) reads it
-        self.client = mlflow.MlflowClient(self.uri)
+        self.client = _client(self.uri)
         self.run_id = resume_run_id
         self.retry_seconds = retry_seconds
         self._queue: deque[dict] = deque()
@@ -358,6 +359,8 @@ class MlflowTracker(Tracker):
         if self._started and not self._queue:
             with contextlib.suppress(Exception):
                 self._end_run(status)
+                with contextlib.suppress(OSError):  # empty once everything was sent
+                    (self.run_dir / PENDING_DIR).rmdir()
                 return
         if self._started:
             self._abandon_active_run()
@@ -511,7 +514,8 @@ class MlflowTracker(Tracker):
 
         with _redacted_stdout():  # MLflow prints the run's URL, user:password@ included
             mlflow.end_run(status)  # pops the active run first, then tells the server
-        log.info("tracking: run %s %s; %s", self.run_id, status, open_hint(self.uri, self.run_id))
+        # Printed, not logged: the one line a person needs after a run is where to look at it.
+        print(f"tracking: MLflow run {self.run_id} {status}; {open_hint(self.uri, self.run_id)}", flush=True)
 
     def _abandon_active_run(self) -> None:
         import mlflow
@@ -710,7 +714,10 @@ def champion_version(client, name: str):
 def _client(tracking_uri: str | None):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri or resolve_tracking_uri(None))
+    uri = tracking_uri or resolve_tracking_uri(None)
+    # The registry follows the tracking server unless the user points it elsewhere; without
+    # this MlflowClient would take the process-global registry URI (MLflow's local sqlite).
+    return mlflow.MlflowClient(uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
 
 
 @contextlib.contextmanager

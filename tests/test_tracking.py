@@ -34,7 +34,7 @@ from harness.tracking import (
 )
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_tracking_env")]
 
 
 def tcfg(uri: str, **kw) -> SimpleNamespace:
@@ -66,11 +66,6 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
 def test_noop_tracker_off_rank0_or_disabled(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     for tracker in (
@@ -84,8 +79,9 @@ def test_noop_tracker_off_rank0_or_disabled(tmp_path):
     assert not (tmp_path / OFFLINE_FILE).exists()
 
 
-def test_run_params_metrics_triptychs_artifacts(mlflow_server, tmp_path):
-    cfg = tcfg(mlflow_server)
+def test_run_params_metrics_triptychs_artifacts(mlflow_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    cfg = tcfg(mlflow_server, system_metrics=True)
     tracker = Tracker.create(cfg, tmp_path, rank=0)
     assert isinstance(tracker, MlflowTracker) and tracker.run_id
     tracker.log_params({"optim": {"lr": 1e-4, "betas": [0.9, 0.999]}, "world_size": 2, "blob": "x" * 9000})
@@ -98,9 +94,12 @@ def test_run_params_metrics_triptychs_artifacts(mlflow_server, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  steps: 30\n")
     tracker.log_artifact(recipe)
+    time.sleep(2.5)  # a couple of system-metrics samples
     tracker.close()
+    assert f"MLflow run {tracker.run_id} FINISHED; open {mlflow_server}" in capsys.readouterr().out
+    assert not (tmp_path / "mlflow-pending").exists()  # sent images leave nothing behind
 
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     run = only_run(client, cfg.experiment)
     assert run.info.run_id == tracker.run_id and run.info.status == "FINISHED"
     params = run.data.params
@@ -114,6 +113,7 @@ def test_run_params_metrics_triptychs_artifacts(mlflow_server, tmp_path):
     assert run.data.tags["dataset.train.manifest_sha256"] == "ab" * 32
     assert steps(client, run.info.run_id, "loss") == [10, 20, 30]
     assert steps(client, run.info.run_id, "lr") == [10, 20, 30]
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     names = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "recipe.yaml" in names
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
@@ -143,7 +143,7 @@ def test_resume_continues_the_run_without_duplicate_steps(mlflow_server, tmp_pat
     for step in (20, 30, 40):
         second.log_metrics({"loss": float(step) + 0.5}, step=step)
     second.close()
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     run = only_run(client, cfg.experiment)
     history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(10, 10.0), (20, 20.0), (30, 30.0), (40, 40.5)]
@@ -159,7 +159,7 @@ def test_pyfunc_registry_champion_rule_and_fetch(mlflow_server, tmp_path, capsys
     second = Tracker.create(tcfg(mlflow_server, registered_model=name), tmp_path / "r2", rank=0)
     assert second.log_model(w2, val_psnr=24.0) == 2  # lower PSNR: registered, not champion
     second.close()
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     assert client.get_model_version_by_alias(name, CHAMPION).version == "1"
 
     # The served model gives exactly the pixels of harness.infer.deblur (odd size: padding inside).
@@ -206,7 +206,7 @@ def test_outage_buffers_flushes_then_offline_file_and_replay(mlflow_own_server, 
     assert len(unreachable) == 1  # one warning, not one per record
     server.start()
     tracker.log_metrics({"loss": 3.0}, step=3)  # back: the run is created, the queue sent in order
-    client = mlflow.MlflowClient(server.uri)
+    client = mlflow.MlflowClient(server.uri, registry_uri=server.uri)
     assert tracker.run_id and steps(client, tracker.run_id, "loss") == [1, 2, 3]
 
     server.stop()  # killed mid-run
@@ -242,7 +242,7 @@ def test_offline_from_start_replays_into_a_new_run(mlflow_server, tmp_path):
     tracker.close()
     assert time.monotonic() - t0 < 20
     run_id = replay(tmp_path / OFFLINE_FILE, tracking_uri=mlflow_server)
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     run = only_run(client, cfg.experiment)
     assert run.info.run_id == run_id and run.data.params["train.steps"] == "3"
     assert steps(client, run_id, "loss") == [1, 2, 3]
@@ -271,7 +271,7 @@ def test_credentials_never_reach_params_artifacts_logs_or_files(
         offline = Tracker.create(dead, tmp_path / "off", rank=0)
         offline.log_params(recipe)
         offline.close()
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     run = only_run(client, cfg.experiment)
     assert run.data.params["auth.password"] == "***"
     uploaded = Path(client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path)))
