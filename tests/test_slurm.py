@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import REPO
+from tests.fixtures.slurm import FINAL_STATES, STATE
 
 pytestmark = pytest.mark.slow
 
@@ -21,3 +30,130 @@ def test_local_cluster_runs_a_job_on_both_nodes(slurm, tmp_path: Path):
     assert record["NodeList"] == "n[1-2]"
     out = (tmp_path / f"hello-{job}.out").read_text()
     assert sorted(out.split("\n")[:2]) == ["task 0 on n1", "task 1 on n2"], out
+
+
+# ----------------------------------------------------------------------------- train.sbatch
+
+# Long enough (120 steps, a few seconds) to be signalled mid-run; validation and periodic
+# checkpoints at step 60 so the preempted run crosses both before and after its requeue.
+TRAIN_STEPS = 120
+RESOURCES = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the local nodes have 2 CPUs and no GPUs
+
+
+def train_env(run_dir: Path, shards: dict[str, Path], extensions: Path) -> dict[str, str]:
+    """The header variables the tests set (a fresh clone's venv is the one running pytest)."""
+    overrides = [f"data.train={shards['train']}", f"data.val={shards['test']}", f"train.steps={TRAIN_STEPS}",
+                 "eval.every=60", "checkpoint.every=60"]
+    return {"REPO": str(REPO), "VENV": sys.prefix, "RUN_DIR": str(run_dir), "OVERRIDES": " ".join(overrides),
+            "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
+
+
+def private_extensions() -> Path:
+    """Torch's JIT-extension cache for the Slurm jobs, private to this checkout, with DeepSpeed's
+    shm op built in it before any job starts (so job start-up is seconds, not a compile).
+
+    The shared ~/.cache one is rebuilt by concurrent test sessions with other command lines and
+    its `lock` file, left behind by any rank killed while loading the op, blocks every later
+    launch forever; our own directory is only touched here and by our jobs.
+    """
+    dest = STATE.parent / f"{STATE.name}-torch-extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(dest)}
+    for lock in dest.glob("*/*/lock"):  # only this fixture builds here: any lock is stale
+        lock.unlink()
+    build = ("from deepspeed.accelerator import get_accelerator; "
+             "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
+    proc = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"building DeepSpeed's shm op failed:\n{proc.stderr[-3000:]}"
+    return dest
+
+
+def logged_step(run_dir: Path) -> int:
+    """The newest step in the trainer's log.jsonl (0 before the first)."""
+    log = run_dir / "log.jsonl"
+    steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()] \
+        if log.exists() else []
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def train_jobs(slurm, train_shards, tmp_path_factory) -> dict:
+    """Two smoke trainings through train.sbatch: uninterrupted on 2 nodes x 1 task, and
+    1 node x 2 tasks preempted mid-run with `scancel --full --signal=USR1`, requeued, resumed."""
+    out = tmp_path_factory.mktemp("slurm-train")
+    script = REPO / "cluster" / "slurm" / "train.sbatch"
+    extensions = private_extensions()
+    jobs = {}
+    # The preempted job first: it needs both CPUs of one node, the other job one CPU of each,
+    # so the uninterrupted job runs while the preempted one waits to be requeued.
+    for name, shape in (("preempted", ["--nodes=1", "--ntasks-per-node=2"]),
+                        ("nodes2", ["--nodes=2", "--ntasks-per-node=1"])):
+        run_dir = out / name
+        job = slurm.sbatch(*RESOURCES, *shape, f"--output={out}/{name}-%j.out", script,
+                           env=train_env(run_dir, train_shards, extensions))
+        jobs[name] = {"job": job, "run_dir": run_dir, "log": out / f"{name}-{job}.out"}
+    try:
+        pre = jobs["preempted"]
+        slurm.wait_state(pre["job"], "RUNNING", timeout=120)
+        deadline = time.monotonic() + 180  # DeepSpeed start-up (a first JIT build included)
+        while logged_step(pre["run_dir"]) < 10:
+            if time.monotonic() > deadline or slurm.job(pre["job"])["JobState"] != "RUNNING":
+                slurm.fail(pre["job"], "never reached step 10 of training")
+            time.sleep(0.2)
+        slurm.cmd("scancel", "--full", "--signal=USR1", str(pre["job"]))
+        # The batch script requeues the job after the checkpoint; skip the ~120 s requeue delay.
+        deadline = time.monotonic() + 120
+        while slurm.job(pre["job"]).get("Restarts") != "1" or slurm.job(pre["job"])["JobState"] != "PENDING":
+            if time.monotonic() > deadline or slurm.job(pre["job"])["JobState"] in FINAL_STATES:
+                slurm.fail(pre["job"], "was not requeued after the signal")
+            time.sleep(0.3)
+        pre["stopped_summary"] = json.loads((pre["run_dir"] / "summary.json").read_text())
+        slurm.cmd("scontrol", "update", f"JobId={pre['job']}", "StartTime=now")
+        for info in jobs.values():
+            info["record"] = slurm.wait(info["job"], timeout=240)
+        yield jobs
+    finally:
+        for info in jobs.values():
+            port = 20000 + info["job"] % 10000  # train.sbatch's MASTER_PORT
+            for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+                leftover.unlink(missing_ok=True)
+
+
+def rank_nodes(log: Path) -> dict[int, str]:
+    """rank -> node from train.sbatch's "rank R on NODE" lines (of the last attempt)."""
+    return {int(m[0]): m[1] for m in re.findall(r"train\.sbatch: rank (\d+) on (\S+)", log.read_text())}
+
+
+def test_train_sbatch_two_nodes_one_task_each(train_jobs):
+    job = train_jobs["nodes2"]
+    assert job["record"]["JobState"] == "COMPLETED" and job["record"]["NodeList"] == "n[1-2]"
+    assert rank_nodes(job["log"]) == {0: "n1", 1: "n2"}, job["log"].read_text()[-3000:]
+    summary = json.loads((job["run_dir"] / "summary.json").read_text())
+    assert summary["final_step"] == TRAIN_STEPS and summary["world_size"] == 2 and not summary["stopped"]
+    assert (job["run_dir"] / "weights.pkl").is_file()  # exported
+    assert (job["run_dir"] / "checkpoints" / f"step{TRAIN_STEPS:08d}" / "COMPLETE").is_file()
+
+
+def test_train_sbatch_preempted_requeued_resumes_exactly(train_jobs):
+    import torch
+
+    job = train_jobs["preempted"]
+    text = job["log"].read_text()
+    # First attempt: stopped by the signal with a checkpoint, then requeued under the same id.
+    stopped = job["stopped_summary"]
+    assert stopped["stopped"] and 10 <= stopped["final_step"] < TRAIN_STEPS, stopped
+    assert f"train.sbatch: job {job['job']} restart 0 " in text
+    assert f"train.sbatch: preempted, requeueing job {job['job']}" in text
+    # Second attempt: SLURM_RESTART_COUNT=1, resumed and finished.
+    assert f"train.sbatch: job {job['job']} restart 1 " in text
+    assert job["record"]["JobState"] == "COMPLETED" and job["record"]["Restarts"] == "1"
+    assert set(rank_nodes(job["log"]).values()) in ({"n1"}, {"n2"})  # 1 node x 2 tasks
+    events = [json.loads(line) for line in (job["run_dir"] / "log.jsonl").read_text().splitlines()]
+    resumed_from = [e.get("tag") for e in events if e.get("event") == "resumed"]
+    assert resumed_from == [f"step{stopped['final_step']:08d}"], resumed_from
+    summary = json.loads((job["run_dir"] / "summary.json").read_text())
+    assert summary["final_step"] == TRAIN_STEPS and not summary["stopped"]
+    # Exact resume, now through Slurm: the same weights as the uninterrupted run.
+    resumed = torch.load(job["run_dir"] / "weights.pkl", weights_only=True)["model"]
+    straight = torch.load(train_jobs["nodes2"]["run_dir"] / "weights.pkl", weights_only=True)["model"]
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
