@@ -157,3 +157,30 @@ def test_train_sbatch_preempted_requeued_resumes_exactly(train_jobs):
     straight = torch.load(train_jobs["nodes2"]["run_dir"] / "weights.pkl", weights_only=True)["model"]
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+# ----------------------------------------------------------------------------- pack.sbatch
+
+
+def test_pack_sbatch_array_then_merge_and_verify(slurm, synth_gopro, tmp_path):
+    from harness.data import shards
+
+    out = tmp_path / "shards"
+    env = {"REPO": str(REPO), "VENV": sys.prefix, "ROOT": str(synth_gopro), "SPLIT": "train", "OUT": str(out),
+           "PACK_ARGS": "--samples-per-shard 2 --no-progress"}  # 6 pairs -> 3 shards over 2 parts
+    array = slurm.sbatch("--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/pack-%A_%a.out",
+                         REPO / "cluster" / "slurm" / "pack.sbatch", env=env)
+    slurm.wait(array, timeout=120)
+    first = (tmp_path / f"pack-{array}_0.out").read_text()
+    found = re.search(r"pack\.sbatch: merge job (\d+) \(after array job (\d+)\)", first)
+    assert found and int(found[2]) == array, first
+    merge = int(found[1])
+    record = slurm.wait(merge, timeout=120)
+    assert record["Dependency"] == "(null)" and record["JobState"] == "COMPLETED"
+    # Each part wrote its own manifest; the merge job joined them and `mimo shards verify` passed.
+    assert sorted(p.name for p in out.glob("manifest.part-*.json")) == [
+        "manifest.part-0000-of-0002.json", "manifest.part-0001-of-0002.json"]
+    manifest = shards.load_manifest(out)
+    assert manifest["total_samples"] == 6 and len(manifest["shards"]) == 3
+    assert shards.verify(out) == []
+    assert record["StdOut"].startswith(str(tmp_path)), record  # beside the array's output
