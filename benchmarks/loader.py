@@ -15,23 +15,19 @@ speedup {variant: value / baseline}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import SHARED_CPU_NOTE, row, speedups, write_report  # noqa: E402  (puts the repo on sys.path)
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from harness.io import atomic_write, load_rgb_array  # noqa: E402
+from harness.io import load_rgb_array  # noqa: E402
 
 FULL = dict(size=(720, 1280), scenes=2, frames=6, crop=256, batch=4, warmup=4, batches=40)
 QUICK = dict(size=(96, 128), scenes=1, frames=4, crop=64, batch=4, warmup=2, batches=6)
@@ -75,12 +71,6 @@ def measure(batches, warmup: int, n: int, batch: int) -> float:
     return n * batch / (time.perf_counter() - t)
 
 
-def device() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                 platform.processor() or "cpu") if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"cpu: {model}, {os.cpu_count()} cores"
-
-
 def run(cfg: dict, workers: int, work: Path) -> dict:
     from harness.data import pack as P
     from harness.data import sources
@@ -115,23 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="mimo-bench-") as tmp:
         values = run(cfg, args.workers, Path(tmp))
-    base = values["folder-png"]
-    host = socket.gethostname()
-    report = {
-        "host": host, "device": device(),
-        "config": {**cfg, "size": list(cfg["size"]), "workers": args.workers, "quick": args.quick,
-                   "metric": "crops_per_s", "baseline": "folder-png", "torch": torch.__version__,
-                   "note": "CPU shared with other processes during the run; compare ratios, not absolutes"},
-        "results": [{"variant": v, "metric": "crops_per_s", "value": round(x, 2)} for v, x in values.items()],
-        "speedup": {v: round(x / base, 2) for v, x in values.items()},
-    }
-    print(f"{'variant':<16}{'crops/s':>10}{'speedup':>9}")
-    for v, x in values.items():
-        print(f"{v:<16}{x:>10.1f}{x / base:>8.2f}x")
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{host}-loader.json"
-    with atomic_write(out) as tmp_path:
-        tmp_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    config = {**cfg, "size": list(cfg["size"]), "workers": args.workers, "quick": args.quick,
+              "metric": "crops_per_s", "baseline": "folder-png", "torch": torch.__version__, "note": SHARED_CPU_NOTE}
+    rows = [row(v, "crops_per_s", x) for v, x in values.items()]
+    write_report("loader", device="cpu", config=config, rows=rows,
+                 speedup=speedups(rows, "crops_per_s", "folder-png"), out=args.out)
     return 0
 
 

@@ -1,0 +1,98 @@
+"""The benchmark scripts in --quick mode: real runs (DeepSpeed in-process or launched, real shards,
+real models), checked for a complete, well-formed report. No timing assertions: the CPU is shared."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _run(script: str, out: Path, *extra: str, timeout: float = 600) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    report = json.loads(out.read_text())
+    assert set(report) == {"host", "device", "config", "results", "speedup"}
+    assert report["config"]["quick"] is True and report["device"].startswith("cpu")
+    for r in report["results"]:
+        assert set(r) == {"variant", "metric", "value"}
+        assert r["value"] is None or math.isfinite(r["value"]), r
+    return report, proc.stdout
+
+
+def _values(report: dict, metric: str) -> dict[str, float]:
+    return {r["variant"]: r["value"] for r in report["results"] if r["metric"] == metric}
+
+
+@pytest.mark.slow
+def test_train_throughput_quick_reports_every_variant_with_mfu_and_loader_headroom(tmp_path):
+    report, stdout = _run("train_throughput.py", tmp_path / "tt.json")
+    prefix = "mimo-unet@32/b4/"
+    names = ["a-baseline", "b-ds-fp32", "c-bf16", "d-bf16-cl", "e-compile", "f-fused-adam"]
+    ips = _values(report, "images_per_s")
+    assert set(ips) == {prefix + n for n in names} and all(v > 0 for v in ips.values())
+    assert all(0 < v < 1 for v in _values(report, "mfu").values())
+    assert all(v > 0 for v in _values(report, "peak_mem_mb").values())
+    # Speedups are images/s ratios to the baseline of the same model and batch.
+    assert report["speedup"][prefix + "a-baseline"] == 1.0
+    for n in names[1:]:
+        assert report["speedup"][prefix + n] == pytest.approx(ips[prefix + n] / ips[prefix + "a-baseline"], rel=0.01)
+    # Trainer variants record the data-wait share of the step; the baseline does not.
+    assert set(_values(report, "data_wait")) == {prefix + n for n in names[1:]}
+    crops, consumed = _values(report, "crops_per_s")["loader/b4"], _values(report, "trainer_images_per_s")["loader/b4"]
+    assert consumed == pytest.approx(max(ips[prefix + n] for n in names[1:]), rel=0.01)
+    assert _values(report, "headroom")["loader/b4"] == pytest.approx(crops / consumed, rel=0.01)
+    cfg = report["config"]
+    assert cfg["variants"]["e-compile"]["compile"] and cfg["variants"]["f-fused-adam"]["impl"] == "fused"
+    assert cfg["peak_tflops"] > 0 and cfg["overrides"] == {"num_res": 1, "base_channels": 8}
+    assert "images/s" in stdout and "f-fused-adam" in stdout
+
+
+@pytest.mark.slow
+def test_scaling_quick_launches_one_and_two_ranks(tmp_path):
+    report, _ = _run("scaling.py", tmp_path / "scaling.json")
+    ips = _values(report, "images_per_s")
+    assert set(ips) == {"ranks-1", "ranks-2"} and all(v > 0 for v in ips.values())
+    assert report["speedup"]["ranks-2"] == pytest.approx(ips["ranks-2"] / ips["ranks-1"], rel=0.01)
+    assert _values(report, "per_rank_images_per_s")["ranks-2"] == pytest.approx(ips["ranks-2"] / 2, rel=0.01)
+    assert report["config"]["world_sizes"] == [1, 2] and report["config"]["backend"] == "gloo"
+
+
+def test_inference_quick_compares_deblur_modes_with_the_plain_forward(tmp_path):
+    report, _ = _run("inference.py", tmp_path / "inf.json")
+    latency = _values(report, "latency_ms")
+    variants = ["plain-fp32", "deblur-fp32", "deblur-bf16", "tiled-fp32", "ensemble-fp32", "ensemble-bf16"]
+    assert set(latency) == {f"mimo-unet/{v}" for v in variants} and all(v > 0 for v in latency.values())
+    base = latency["mimo-unet/plain-fp32"]
+    assert report["speedup"]["mimo-unet/ensemble-fp32"] == pytest.approx(base / latency["mimo-unet/ensemble-fp32"],
+                                                                          rel=0.01)
+    gflop = _values(report, "forward_gflop")["mimo-unet/plain-fp32"]
+    assert gflop > 0 and report["config"]["height"] == 64 and report["config"]["width"] == 96
+
+
+def test_inference_rejects_a_malformed_size(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/inference.py", "--quick", "--size", "720by1280",
+                           "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--size '720by1280': expected HxW" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_loss_curves_quick_plots_fp32_and_bf16(tmp_path):
+    report, _ = _run("loss_curves.py", tmp_path / "curves.json")
+    png = tmp_path / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["config"]["plot"] == "curves.png"
+    curves = report["config"]["curves"]
+    assert set(curves) == {"fp32", "bf16"} and all(len(c) == 20 for c in curves.values())
+    # Same seed, same data: the first step's loss (before any update) differs only by bf16 rounding.
+    assert curves["bf16"][0] == pytest.approx(curves["fp32"][0], rel=0.05)
+    assert curves["fp32"][0] != curves["bf16"][0]
+    tail = _values(report, "tail_mean_loss")
+    assert _values(report, "tail_gap")["bf16-vs-fp32"] == pytest.approx(tail["bf16"] - tail["fp32"], abs=1e-3)
