@@ -17,23 +17,39 @@ champion rule.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
-import json
-import logging
 import os
 import sys
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
 
-import yaml
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`ray submit CLUSTER.yaml harness/tune.py`, `python harness/tune.py`): drop the
+    # script's directory from sys.path (harness/io.py would shadow the stdlib's io), add the repo.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    if os.path.basename(_here) == "harness":
+        sys.path.insert(0, os.path.dirname(_here))
 
-from harness.errors import HarnessError
-from harness.io import atomic_write
-from harness.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, recipe_from_dict, total_steps
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+
+from harness.errors import HarnessError  # noqa: E402
+from harness.io import atomic_write  # noqa: E402
+from harness.recipe import (  # noqa: E402
+    Recipe,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    recipe_from_dict,
+    total_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -857,5 +873,8 @@ def run_experiment(spec: TuneSpec, *, resume: bool, address: str | None) -> tupl
 
 
 if __name__ == "__main__":
+    # The package's module, not this __main__ copy: Tune pickles the trainable by reference.
+    from harness.tune import main as _main
+
     with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+        sys.exit(_main())
