@@ -743,11 +743,17 @@ def _cell(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def _short_cell(value) -> str:
+    if isinstance(value, list):  # per-scale weights, betas: 4 significant digits on screen
+        return "[" + ", ".join(_cell(v) if not isinstance(v, float) else f"{v:.4g}" for v in value) + "]"
+    return _cell(value)
+
+
 def format_table(spec: TuneSpec, rows: list[dict]) -> str:
     keys = sorted({k for r in rows for k in r["params"]})
     head = ["trial", "status", "val#", spec.metric, *keys]
     body = [[str(r["trial_id"]), r["status"], str(r[VALIDATION]), _cell(r[spec.metric]),
-             *(_cell(r["params"].get(k)) for k in keys)] for r in rows]
+             *(_short_cell(r["params"].get(k)) for k in keys)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
 

@@ -32,13 +32,13 @@ EXCLUDES = [".git", ".venv", "runs", "demo", "shards", "mlruns", "mlflow.db", "*
 
 def tiny_args(shards: dict[str, Path], storage: Path) -> list[str]:
     return [f"data.train={shards['train']}", f"data.val={shards['test']}", f"search.storage_path={storage}",
-            "search.num_samples=2", "search.scheduler=none", "train.steps=10"]
+            "search.num_samples=2", "search.scheduler=none", "train.steps=5"]
 
 
 def check_experiment(exp: Path) -> None:
     with open(exp / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["step"] == "10" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["step"] == "5" for r in rows), rows
     assert (exp / "best_recipe.yaml").is_file()
 
 
