@@ -5,8 +5,10 @@ zero-initialised, so the untrained model starts 1.5-6 dB below its input and mer
 pass the input through would already look like progress.
 Setup (issue 5's reference, recipes/demo.yaml): easy preset (horizontal 4-8 px motion blur),
 1 ResBlock per level, width 32, Adam 1e-3, batch 4, 64x64 crops, 800 steps, one process.
-Measured here: +1.26/+1.43/+1.64/+1.29 dB over the blurred input on 16 held-out 128x128 pairs
-(4 seeds, issue 5); we assert a margin safely below: >= 0.75 dB.
+Issue 5 measured +1.26/+1.43/+1.64/+1.29 dB over the blurred input on 16 held-out 128x128 pairs
+(4 seeds). This harness, seed 0, held-out gain at steps 100..800: +0.33 +0.57 +0.76 +0.99 +1.23
++1.20 +1.56 +1.60 dB (blurred input 21.74 dB; ~4.4 CPU minutes with a validation every 100
+steps). We assert a margin safely below the worst seed: >= 0.75 dB.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# ~2.5 minutes on 2 idle cores; the generous limits only guard against hangs on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 MARGIN_DB = 0.75
 
@@ -44,7 +47,7 @@ def test_tiny_model_beats_blurred_input_on_held_out_pairs(launch_train, learning
                            f"data.train={learning_shards['train']}", f"data.val={learning_shards['test']}",
                            "train.micro_batch=4", "train.threads=2", "eval.every=800", "eval.max_images=16",
                            "checkpoint.every=800"], nprocs=0)
-    assert launch.run(900) == 0, launch.output()[-3000:]
+    assert launch.run(2100) == 0, launch.output()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_step"] == 800
     validation = [e for e in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
