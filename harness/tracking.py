@@ -190,16 +190,11 @@ def _image_key(name: str) -> str:
 # ---------------------------------------------------------------------------- tracking URI
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default
-_uri_we_set: str | None = None
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
     """The user's MLFLOW_TRACKING_URI when set, else the recipe's URI, else MLflow's default."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: a value we put there is not the user's.
-    if env and env != _uri_we_set:
-        return env
-    return configured or DEFAULT_TRACKING_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
 
 
 def open_hint(tracking_uri: str, run_id: str | None) -> str:
@@ -215,9 +210,14 @@ def open_hint(tracking_uri: str, run_id: str | None) -> str:
 def _set_global_tracking_uri(uri: str) -> None:
     import mlflow
 
-    global _uri_we_set
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; put the user's value back so the
+    # variable keeps meaning "what the user chose" for every later resolve_tracking_uri.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    _uri_we_set = uri
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 # ---------------------------------------------------------------------------- the trackers
