@@ -287,8 +287,6 @@ class MlflowTracker(Tracker):
         log_environment: bool = True,
     ):
 
-        for key, value in _HTTP_ENV.items():
-            os.environ.setdefault(key, value)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.uri = resolve_tracking_uri(cfg.tracking_uri)
@@ -713,6 +711,9 @@ def champion_version(client, name: str):
 
 def _client(tracking_uri: str | None):
     import mlflow
+
+    for key, value in _HTTP_ENV.items():  # fail fast when the server is down (trainer and CLI alike)
+        os.environ.setdefault(key, value)
 
     uri = tracking_uri or resolve_tracking_uri(None)
     # The registry follows the tracking server unless the user points it elsewhere; without

@@ -209,7 +209,7 @@ def test_outage_buffers_flushes_then_offline_file_and_replay(mlflow_own_server, 
     client = mlflow.MlflowClient(server.uri, registry_uri=server.uri)
     assert tracker.run_id and steps(client, tracker.run_id, "loss") == [1, 2, 3]
 
-    server.stop()  # killed mid-run
+    server.kill()  # crashes mid-run
     tracker.log_metrics({"loss": 4.0}, step=4)
     g = torch.Generator().manual_seed(0)
     imgs = [torch.rand(3, 8, 8, generator=g) for _ in range(3)]
