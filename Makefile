@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# DeepSpeed JIT-builds a CPU op whose build flags name the venv's paths: one cache per venv,
+# so two checkouts never rebuild each other's (~90 s per build).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 
 .PHONY: demo test lint clean
 
