@@ -57,8 +57,12 @@ def private_extensions() -> Path:
     launch forever; our own directory is only touched here and by our jobs.
     """
     dest = STATE.parent / f"{STATE.name}-torch-extensions"
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(dest)}
-    for lock in dest.glob("*/*/lock"):  # only this fixture builds here: any lock is stale
+    # The venv's bin first, as in the jobs (they activate it): torch runs whichever `ninja` is on
+    # PATH, and the venv's (1.13) and the system's (1.11) hash commands differently, so a build
+    # by one is "command line changed" to the other: a full rebuild at every switch.
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(dest),
+           "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for lock in dest.rglob("lock"):  # only this fixture builds here: any lock is stale
         lock.unlink()
     build = ("from deepspeed.accelerator import get_accelerator; "
              "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
@@ -184,3 +188,4 @@ def test_pack_sbatch_array_then_merge_and_verify(slurm, synth_gopro, tmp_path):
     assert manifest["total_samples"] == 6 and len(manifest["shards"]) == 3
     assert shards.verify(out) == []
     assert record["StdOut"].startswith(str(tmp_path)), record  # beside the array's output
+
