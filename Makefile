@@ -7,6 +7,9 @@ PYTEST_ARGS ?=
 # DeepSpeed JIT-builds a CPU op whose build flags name the venv's paths: one cache per venv,
 # so two checkouts never rebuild each other's (~90 s per build).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
+# The venv first on PATH: its `deepspeed`, `ray`, `mlflow` and its `ninja` (another ninja
+# hashes the same build differently and triggers that rebuild too).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test lint clean
 
