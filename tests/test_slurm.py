@@ -189,3 +189,49 @@ def test_pack_sbatch_array_then_merge_and_verify(slurm, synth_gopro, tmp_path):
     assert shards.verify(out) == []
     assert record["StdOut"].startswith(str(tmp_path)), record  # beside the array's output
 
+
+
+# ----------------------------------------------------------------------------- tune.sbatch
+
+
+def test_tune_sbatch_runs_a_two_trial_experiment(slurm, train_shards, tmp_path):
+    """Ray head in the batch shell of a one-node job (on 127.0.0.1), two trials to completion,
+    results written, Ray torn down by PID. (Two Ray nodes on one host share an address, which
+    Ray Train's worker placement does not survive here; multi-node is left to real clusters.)"""
+    import csv
+
+    storage = tmp_path / "tune"
+    overrides = [f"data.train={train_shards['train']}", f"data.val={train_shards['test']}", "train.steps=10",
+                 "search.num_samples=2", "search.max_concurrent=1", "search.scheduler.name=none",
+                 f"search.storage_path={storage}", "search.name=slurm"]
+    env = {"REPO": str(REPO), "VENV": sys.prefix, "RECIPE": "recipes/tune-smoke.yaml",
+           "TUNE_ARGS": " ".join(overrides), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TORCH_EXTENSIONS_DIR": str(private_extensions())}
+    job = slurm.sbatch("--gpus-per-node=0", "--cpus-per-task=2", "--nodes=1", "--ntasks-per-node=1",
+                       f"--output={tmp_path}/tune-%j.out", REPO / "cluster" / "slurm" / "tune.sbatch", env=env)
+    record = slurm.wait(job, timeout=600)
+    text = Path(record["StdOut"]).read_text()
+    assert record["JobState"] == "COMPLETED", text[-3000:]
+    assert "tune.sbatch: Ray cluster up (1 nodes)" in text, text[-3000:]
+    assert "tune.sbatch: harness.tune exited 0" in text and "tune.sbatch: Ray stopped" in text, text[-3000:]
+    with open(storage / "slurm" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2, rows
+    assert (storage / "slurm" / "best_recipe.yaml").is_file()
+    # Torn down: no process of this job's Ray session is left.
+    deadline = time.monotonic() + 30
+    while _ray_processes(job) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ray_processes(job) == []
+
+
+def _ray_processes(job: int) -> list[int]:
+    """PIDs whose command line names the job's Ray session dir (/tmp/ray-<job>)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"/tmp/ray-{job}".encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
