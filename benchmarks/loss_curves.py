@@ -84,7 +84,8 @@ def plot(curves: dict[str, list[float]], k: int, title: str, path: Path) -> None
     for (name, losses), color in zip(curves.items(), ("tab:blue", "tab:orange")):
         ax.plot(losses, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(smooth(losses, k), color=color, label=f"{name} (moving mean, {k} steps)")
-    ax.set(xlabel="step", ylabel="training loss (L1 + 0.1 FFT, 3 scales)", title=title)
+    ax.set(xlabel="step", ylabel="training loss (L1 + 0.1 FFT, 3 scales)")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     with atomic_write(path) as tmp:
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else result_path("loss_curves", args.device)
     png = out.with_suffix(".png")
     k = max(1, cfg["steps"] // 20)
-    plot(curves, k, f"{cfg['model']} {cfg['overrides']} crop {cfg['crop']} batch {cfg['batch']}: fp32 vs bf16", png)
+    arch = ", ".join(f"{k_} {v}" for k_, v in cfg["overrides"].items())
+    plot(curves, k, f"{cfg['model']} ({arch or 'default'}), crop {cfg['crop']}, batch {cfg['batch']}: fp32 vs bf16", png)
     config = {k_: v for k_, v in cfg.items() if k_ != "size"} | {
         "device": args.device, "quick": args.quick, "tail_steps": tail, "plot": png.name, "baseline": "fp32",
         "curves": curves, "torch": torch.__version__, "note": SHARED_CPU_NOTE if args.device == "cpu" else ""}
