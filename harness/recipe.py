@@ -139,17 +139,23 @@ class Recipe(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; data paths are resolved against the recipe or CWD."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping (a recipe, a tune recipe), or one HarnessError."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise HarnessError(f"{path}: no such recipe file") from None
+        raise HarnessError(f"{path}: no such {what} file") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise HarnessError(f"{path}: not a readable YAML recipe ({_first_line(exc)})") from None
+        raise HarnessError(f"{path}: not a readable YAML {what} ({_first_line(exc)})") from None
     if not isinstance(raw, dict):
-        raise HarnessError(f"{path}: expected a mapping of sections at the top level")
+        raise HarnessError(f"{path}: expected a mapping at the top level of the {what}")
+    return raw
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; data paths are resolved against the recipe or CWD."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "recipe")
     raw = apply_overrides(raw, overrides, path)
     raw.setdefault("name", path.stem)
     recipe = recipe_from_dict(raw, str(path))

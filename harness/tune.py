@@ -47,6 +47,7 @@ from harness.recipe import (  # noqa: E402
     apply_overrides,
     dump_recipe,
     load_recipe,
+    read_yaml_mapping,
     recipe_from_dict,
     total_steps,
 )
@@ -177,13 +178,8 @@ def load_tune_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, 
     """Read a tune recipe; `search.*` overrides change the search, others the base recipe.
     Every problem is one HarnessError naming the file and the key, raised before Ray starts."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise HarnessError(f"{path}: no such tune recipe") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise HarnessError(f"{path}: not a readable YAML tune recipe ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or "base" not in raw or "search" not in raw:
+    raw = read_yaml_mapping(path, "tune recipe")
+    if "base" not in raw or "search" not in raw:
         raise HarnessError(f"{path}: expected a mapping with `base:` (training recipe) and `search:`")
     unknown = sorted(set(raw) - {"base", "overrides", "search"})
     if unknown:
@@ -776,13 +772,18 @@ def write_best_recipe(spec: TuneSpec, best: dict) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m harness.tune", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p.parse_intermixed_args(argv)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `python -m harness.tune` and `mimo tune` (one definition for both)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", help="tune recipe YAML (recipes/tune-*.yaml)")
     src.add_argument("--resume", metavar="EXP_DIR", help="continue an interrupted experiment")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="search.* keys change the search, others the base training recipe")
-    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
