@@ -104,15 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.rand(1, 3, h, w, device=device)
     rows, speedup = [], {}
     for name in cfg["models"].split(","):
+        model_rows: list[dict] = []
         model = create_model(name, **cfg["overrides"]).to(device).eval()
         gflop = count_flops(model, h, w) / 1e9
         for variant, kwargs in VARIANTS.items():
             print(f"[inference] {name}/{variant} ...", flush=True)
             dt, mem = run_variant(model, x, kwargs, cfg, device)
             v = f"{name}/{variant}"
-            rows += [row(v, "latency_ms", dt * 1e3), row(v, "peak_mem_mb", mem),
-                     row(v, "mpix_per_s", h * w / dt / 1e6), row(v, "forward_gflop", gflop)]
-        speedup.update(speedups(rows, "latency_ms", f"{name}/plain-fp32", lower_is_better=True))
+            model_rows += [row(v, "latency_ms", dt * 1e3), row(v, "peak_mem_mb", mem),
+                           row(v, "mpix_per_s", h * w / dt / 1e6), row(v, "forward_gflop", gflop)]
+        # Each model's variants against its own plain forward.
+        speedup.update(speedups(model_rows, "latency_ms", f"{name}/plain-fp32", lower_is_better=True))
+        rows += model_rows
     config = {k: v for k, v in cfg.items() if k != "hw"} | {
         "height": h, "width": w, "device": device, "quick": args.quick, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "baseline": "plain-fp32", "speedup": "plain latency / variant latency",

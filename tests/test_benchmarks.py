@@ -66,15 +66,19 @@ def test_scaling_quick_launches_one_and_two_ranks(tmp_path):
 
 
 def test_inference_quick_compares_deblur_modes_with_the_plain_forward(tmp_path):
-    report, _ = _run("inference.py", tmp_path / "inf.json")
+    report, _ = _run("inference.py", tmp_path / "inf.json", "--models", "mimo-unet,mimo-unet-plus")
     latency = _values(report, "latency_ms")
     variants = ["plain-fp32", "deblur-fp32", "deblur-bf16", "tiled-fp32", "ensemble-fp32", "ensemble-bf16"]
-    assert set(latency) == {f"mimo-unet/{v}" for v in variants} and all(v > 0 for v in latency.values())
-    base = latency["mimo-unet/plain-fp32"]
-    assert report["speedup"]["mimo-unet/ensemble-fp32"] == pytest.approx(base / latency["mimo-unet/ensemble-fp32"],
-                                                                          rel=0.01)
-    gflop = _values(report, "forward_gflop")["mimo-unet/plain-fp32"]
-    assert gflop > 0 and report["config"]["height"] == 64 and report["config"]["width"] == 96
+    models = ["mimo-unet", "mimo-unet-plus"]
+    assert set(latency) == {f"{m}/{v}" for m in models for v in variants} and all(v > 0 for v in latency.values())
+    for m in models:  # each model against its own plain forward
+        base = latency[f"{m}/plain-fp32"]
+        assert report["speedup"][f"{m}/plain-fp32"] == 1.0
+        assert report["speedup"][f"{m}/ensemble-fp32"] == pytest.approx(base / latency[f"{m}/ensemble-fp32"],
+                                                                         rel=0.01)
+    gflop = _values(report, "forward_gflop")
+    assert all(gflop[f"{m}/plain-fp32"] > 0 for m in models)
+    assert report["config"]["height"] == 64 and report["config"]["width"] == 96
 
 
 def test_inference_rejects_a_malformed_size(tmp_path):
