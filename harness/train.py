@@ -413,6 +413,8 @@ class Run:
                 "val_images": int(count)}
 
     def save(self, *, best: bool) -> Path:
+        # The MLflow run may only have been created after start (server down then): keep its id.
+        self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         shared = {"state": asdict(self.state), "recipe": self.recipe.model_dump(mode="json")}
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, shared=shared,
                                   per_rank={"loader": self.loader.state_dict()}, keep=self.recipe.checkpoint.keep,
@@ -431,7 +433,8 @@ class Run:
                    "best_psnr": self.state.best_psnr if self.state.best_step >= 0 else None,
                    "best_step": self.state.best_step if self.state.best_step >= 0 else None,
                    "skipped_steps": self.state.skipped, "world_size": self.world.size, **perf,
-                   "checkpoint": None, "run_dir": str(self.run_dir), "mlflow_run_id": self.state.mlflow_run_id}
+                   "checkpoint": None, "run_dir": str(self.run_dir),
+                   "mlflow_run_id": self.tracker.run_id or self.state.mlflow_run_id}
         if self.world.is_main and not self.stop_requested:
             weights = checkpoint.export(self.run_dir, self.run_dir / WEIGHTS, ema=self.ema is not None)
             summary["checkpoint"] = str(weights)
