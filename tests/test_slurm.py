@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.fixtures.slurm import FINAL_STATES, STATE
+from tests.fixtures.launch import private_torch_extensions
+from tests.fixtures.slurm import FINAL_STATES
 
 pytestmark = pytest.mark.slow
 
@@ -49,21 +50,14 @@ def train_env(run_dir: Path, shards: dict[str, Path], extensions: Path) -> dict[
 
 
 def private_extensions() -> Path:
-    """Torch's JIT-extension cache for the Slurm jobs, private to this checkout, with DeepSpeed's
-    shm op built in it before any job starts (so job start-up is seconds, not a compile).
-
-    The shared ~/.cache one is rebuilt by concurrent test sessions with other command lines and
-    its `lock` file, left behind by any rank killed while loading the op, blocks every later
-    launch forever; our own directory is only touched here and by our jobs.
-    """
-    dest = STATE.parent / f"{STATE.name}-torch-extensions"
+    """The Slurm jobs' own extensions cache (tests/fixtures/launch.py), with DeepSpeed's shm op
+    built in it before any job starts (so job start-up is seconds, not a compile)."""
+    dest = private_torch_extensions("slurm")
     # The venv's bin first, as in the jobs (they activate it): torch runs whichever `ninja` is on
     # PATH, and the venv's (1.13) and the system's (1.11) hash commands differently, so a build
     # by one is "command line changed" to the other: a full rebuild at every switch.
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(dest),
            "PATH": f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for lock in dest.rglob("lock"):  # only this fixture builds here: any lock is stale
-        lock.unlink()
     build = ("from deepspeed.accelerator import get_accelerator; "
              "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
     proc = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)

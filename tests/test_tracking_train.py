@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from PIL import Image
 
 from harness.cli import main as mimo
 from harness.tracking import CHAMPION, OFFLINE_FILE
+from tests.fixtures.launch import private_torch_extensions
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_tracking_env")]
 
@@ -46,22 +44,10 @@ BASE = [
 ]
 
 
-# DeepSpeed JIT-builds its shm op into torch's extensions cache. The shared cache is rebuilt by
-# launches with other build flags (minutes on 2 busy cores) and a rank killed while loading it
-# leaves a lock that blocks later launches, so these launches keep a cache of their own.
-EXTENSIONS = Path(tempfile.gettempdir()) / "mimo-tracking-torch-extensions"
-
-
 @pytest.fixture(scope="module")
 def ds_env() -> dict[str, str]:
-    if not EXTENSIONS.exists():  # seeded from the shared cache with mtimes kept (`cp -a`): no rebuild
-        shared = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-        EXTENSIONS.mkdir(parents=True)
-        if shared.is_dir():
-            subprocess.run(["cp", "-a", f"{shared}/.", str(EXTENSIONS)], check=False)
-    for lock in EXTENSIONS.glob("*/lock"):  # only this module's launches use it: any lock is stale
-        lock.unlink()
-    return {"TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
+    """These launches are killed on purpose: a cache of their own (tests/fixtures/launch.py)."""
+    return {"TORCH_EXTENSIONS_DIR": str(private_torch_extensions("tracking"))}
 
 
 def _args(run_dir: Path, shards: dict, uri: str, experiment: str, model: str | None = None) -> list[str]:
