@@ -12,19 +12,14 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
@@ -70,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 3/5 train with DeepSpeed on 2 CPU ranks (recipes/demo.yaml, MLflow tracking on)")
     before = set(map(str, Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")))
     try:
-        _run([str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        _run([str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
               str(REPO / "harness/train.py"), "--recipe", str(REPO / "recipes/demo.yaml"), "--run-dir", str(run_dir),
               "--resume", "auto", f"data.train={shards / 'train'}", f"data.val={shards / 'test'}",
               "tracking.enabled=true"], out, env=env)

@@ -33,6 +33,7 @@ from harness.tracking import (
     replay,
 )
 from tests.conftest import free_port
+from tests.fixtures.mlflow import only_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_tracking_env")]
 
@@ -47,13 +48,6 @@ def tcfg(uri: str, **kw) -> SimpleNamespace:
 def tiny_weights(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     return save_weights(create_model("mimo-unet", base_channels=8, num_res=1), path)
-
-
-def only_run(client, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return runs[0]
 
 
 def steps(client, run_id: str, key: str) -> list[int]:

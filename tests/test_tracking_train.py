@@ -24,6 +24,7 @@ from PIL import Image
 from harness.cli import main as mimo
 from harness.tracking import CHAMPION, OFFLINE_FILE
 from tests.fixtures.launch import private_torch_extensions
+from tests.fixtures.mlflow import only_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_tracking_env")]
 
@@ -78,13 +79,6 @@ def _last_step(run_dir: Path, after_resume: bool = False) -> int:
     return max((e["step"] for e in events if e["event"] == "train"), default=0)
 
 
-def _only_run(client, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return runs[0]
-
-
 def _history_steps(client, run_id: str, key: str) -> list[int]:
     history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
     return [m.step for m in history]
@@ -119,7 +113,7 @@ def test_kill_resume_server_crash_replay_one_run_champion_pyfunc_equals_mimo_deb
     server.start()  # back, on the same backend store
     assert mimo(["tracking", "replay", str(run_dir), "--tracking-uri", server.uri]) == 0
     client = mlflow.MlflowClient(server.uri, registry_uri=server.uri)
-    run = _only_run(client, experiment)
+    run = only_run(client, experiment)
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     params = run.data.params
     assert params["world_size"] == "2" and params["train.precision"] == "fp32"
