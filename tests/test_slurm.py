@@ -105,7 +105,10 @@ def train_jobs(slurm, train_shards, tmp_path_factory) -> dict:
                 slurm.fail(pre["job"], "was not requeued after the signal")
             time.sleep(0.3)
         pre["stopped_summary"] = json.loads((pre["run_dir"] / "summary.json").read_text())
-        slurm.cmd("scontrol", "update", f"JobId={pre['job']}", "StartTime=now")
+        # Not "now": slurmd revoked the first attempt's credential when it was killed, and it
+        # compares whole seconds, so a restart within the same second is refused ("Job credential
+        # revoked") and the job FAILs. Real clusters wait ~120 s; a few seconds are enough.
+        slurm.cmd("scontrol", "update", f"JobId={pre['job']}", "StartTime=now+5")
         for info in jobs.values():
             info["record"] = slurm.wait(info["job"], timeout=240)
         yield jobs
