@@ -22,7 +22,9 @@ if str(REPO) not in sys.path:  # benchmarks run as scripts from anywhere
 
 from harness.io import atomic_write  # noqa: E402
 
-SHARED_CPU_NOTE = "CPU shared with other processes during the run; compare ratios, not absolutes"
+# The 1-minute load average when the benchmark started: other work sharing the machine shows here
+# (the end value includes the benchmark itself). Written into every report's config.
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def device_name(device: str = "cpu") -> str:
@@ -89,7 +91,9 @@ def _fmt(value) -> str:
 def write_report(name: str, *, device: str, config: dict, rows: list[dict], speedup: dict[str, float],
                  out: str | os.PathLike | None = None) -> Path:
     """Print the table and write the JSON report atomically; returns its path."""
-    report = {"host": socket.gethostname(), "device": device_name(device), "config": config,
+    load = {"load_avg_start": LOAD_AT_START, "load_avg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "cpu_count": os.cpu_count()}
+    report = {"host": socket.gethostname(), "device": device_name(device), "config": {**config, **load},
               "results": rows, "speedup": speedup}
     path = Path(out) if out else result_path(name, device)
     print(format_table(rows, speedup))
@@ -154,17 +158,47 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_tflops(device: str, given: float | None) -> tuple[float, str]:
-    """The peak MFU is measured against, and where it comes from."""
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched
+# against torch.cuda.get_device_name(); first match wins, so the specific names come first.
+GPU_BF16_PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                  ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+
+
+def matmul_tflops(device: str, dtype, n: int = 2048, reps: int = 5) -> float:
+    """The best TFLOP/s of an n x n x n matrix product: what this device sustains in `dtype`."""
+    import time
+
+    import torch
+
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is a warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def peak_tflops(device: str, given: float | None, *, n: int = 2048) -> tuple[dict[str, float], str]:
+    """The peak MFU is measured against, per precision ("fp32", "bf16"), and where it comes from.
+
+    GPUs: the card's dense bf16 data-sheet peak for every variant (the usual MFU convention, which
+    the >= 35 % target is stated in). CPUs have no such figure: the best matrix product this process
+    runs in each precision (same threads as the benchmark), so CPU MFU reads as "share of what
+    this CPU's GEMM reaches", not of a guessed clock x width.
+    """
+    import torch
+
     if given:
-        return given, "--peak-tflops"
+        return {"fp32": given, "bf16": given}, "--peak-tflops"
     if device.startswith("cuda"):
-        return 989.0, "H100 SXM bf16 dense (989 TFLOP/s); pass --peak-tflops for other cards"
-    ghz = 2.0
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as fh:
-            mhz = next((ln.split(":", 1)[1] for ln in fh if ln.startswith("cpu MHz")), None)
-        ghz = float(mhz) / 1000 if mhz else ghz
-    cores = os.cpu_count() or 1
-    # Estimate: 2 FMA pipes x 8 fp32 lanes (256-bit) x 2 FLOP per FMA = 32 FLOP/cycle/core.
-    return cores * ghz * 32 / 1000, f"estimate: {cores} cores x {ghz:.2f} GHz x 32 fp32 FLOP/cycle"
+        name = torch.cuda.get_device_name(torch.device(device))
+        for key, tflops in GPU_BF16_PEAKS:
+            if key in name:
+                return {"fp32": tflops, "bf16": tflops}, f"{name}: {tflops:g} TFLOP/s bf16 dense (data sheet)"
+        measured = matmul_tflops(device, torch.bfloat16, n=8192)
+        return {"fp32": measured, "bf16": measured}, f"{name}: not in the table; measured bf16 8192^3 matmul"
+    peaks = {"fp32": matmul_tflops(device, torch.float32, n), "bf16": matmul_tflops(device, torch.bfloat16, n)}
+    return peaks, f"measured: best {n}^3 matmul per precision, {torch.get_num_threads()} torch threads"

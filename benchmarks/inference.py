@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import SHARED_CPU_NOTE, PeakMemory, row, speedups, sync, write_report  # noqa: E402
+from common import PeakMemory, row, speedups, sync, write_report  # noqa: E402
 
 from harness.infer import deblur  # noqa: E402
 from harness.models import count_flops, create_model  # noqa: E402
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += model_rows
     config = {k: v for k, v in cfg.items() if k != "hw"} | {
         "height": h, "width": w, "device": device, "quick": args.quick, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "baseline": "plain-fp32", "speedup": "plain latency / variant latency",
-        "note": SHARED_CPU_NOTE if device == "cpu" else ""}
+        "torch": torch.__version__, "baseline": "plain-fp32", "speedup": "plain latency / variant latency"}
     write_report("inference", device=device, config=config, rows=rows, speedup=speedup, out=args.out)
     return 0
 

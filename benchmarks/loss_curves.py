@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import SHARED_CPU_NOTE, result_path, row, speedups, write_report  # noqa: E402
+from common import result_path, row, speedups, write_report  # noqa: E402
 from train_throughput import make_data, trainer_recipe  # noqa: E402
 
 from harness.io import atomic_write  # noqa: E402
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(curves, k, f"{cfg['model']} ({arch or 'default'}), crop {cfg['crop']}, batch {cfg['batch']}: fp32 vs bf16", png)
     config = {k_: v for k_, v in cfg.items() if k_ != "size"} | {
         "device": args.device, "quick": args.quick, "tail_steps": tail, "plot": png.name, "baseline": "fp32",
-        "curves": curves, "torch": torch.__version__, "note": SHARED_CPU_NOTE if args.device == "cpu" else ""}
+        "curves": curves, "torch": torch.__version__}
     write_report("loss_curves", device=args.device, config=config, rows=rows,
                  speedup=speedups(rows, "steps_per_s", "fp32"), out=out)
     print(f"wrote {png}")

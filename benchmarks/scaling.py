@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_CPU_NOTE, row, speedups, write_report  # noqa: E402
+from common import REPO, row, speedups, write_report  # noqa: E402
 
 from harness.distributed import free_port  # noqa: E402
 
@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     speedup = speedups(rows, "images_per_s", base)
     config = {**args.cfg, "model": args.model, "precision": args.precision, "world_sizes": args.world_sizes,
               "device": args.device, "quick": args.quick, "backend": "nccl" if args.device == "cuda" else "gloo",
-              "launcher": "deepspeed --num_gpus N", "baseline": base, "cpu_count": os.cpu_count(),
-              "batch_note": "global batch; each of N ranks takes batch / N",
-              "note": SHARED_CPU_NOTE if args.device == "cpu" else ""}
+              "launcher": "deepspeed --num_gpus N", "baseline": base,
+              "batch_note": "global batch; each of N ranks takes batch / N"}
     write_report("scaling", device=args.device, config=config, rows=rows, speedup=speedup, out=args.out)
     return 0
 

@@ -9,7 +9,8 @@ Variants, per model and batch size (ratios against (a) of the same model and bat
   e-compile     + torch.compile of the model
   f-fused-adam  + fused Adam (b-e use per-tensor Adam like the baseline)
 Metrics: images/s, step time, peak memory, MFU (3 x analytic forward FLOPs from
-harness.models.count_flops per image, against the peak in config). Loader headroom: the shard
+harness.models.count_flops per image, against the peak in config), and for MIMO-UNet+ at 256x256
+the projected wall time of the whole recipes/plus.yaml run. Loader headroom: the shard
 loader's crops/s at the trainer's data settings over the fastest trainer variant's images/s.
 
     python benchmarks/train_throughput.py --quick                  # seconds; used by the tests
@@ -30,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import SHARED_CPU_NOTE, PeakMemory, peak_tflops, row, speedups, sync, write_report  # noqa: E402
-from loader import FolderPairs, measure  # noqa: E402
+from common import PeakMemory, peak_tflops, row, speedups, sync, write_report  # noqa: E402
+from loader import FolderPairs, endless, measure  # noqa: E402
 
 from harness.losses import mimo_loss  # noqa: E402
 from harness.models import count_flops, create_model  # noqa: E402
@@ -47,7 +48,8 @@ TRAINER_VARIANTS = {
 VARIANTS = ("a-baseline", *TRAINER_VARIANTS)
 # threads: torch intra-op threads (None = all cores); one in --quick, where the test suite shares the CPU
 # and oversubscribed OpenMP threads would make the run crawl.
-QUICK = dict(models="mimo-unet", overrides={"num_res": 1, "base_channels": 8}, crop=32, batch_sizes="4",
+# Batch 8 in --quick is larger than its 4-pair data set, as `max` on a GPU is larger than FULL's 8 pairs.
+QUICK = dict(models="mimo-unet", overrides={"num_res": 1, "base_channels": 8}, crop=32, batch_sizes="8",
              warmup=2, steps=3, size=(48, 64), scenes=1, frames=4, threads=1)
 FULL = dict(models="mimo-unet", overrides={}, crop=64, batch_sizes="4", warmup=3, steps=8, size=(96, 128),
             scenes=2, frames=4, threads=None)
@@ -98,11 +100,6 @@ def make_data(work: Path, cfg: dict, workers: int) -> tuple[list, Path]:
     return [(p.blur, p.sharp) for p in pairs], work / "shards"
 
 
-def _endless(loader):
-    while True:
-        yield from loader
-
-
 # ----------------------------------------------------------------------------- (a) baseline
 
 
@@ -114,9 +111,9 @@ def run_baseline(model_name: str, overrides: dict, pairs: list, crop: int, batch
     torch.manual_seed(0)
     model = create_model(model_name, **overrides).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=False)
-    loader = DataLoader(FolderPairs(pairs, crop), batch_size=batch, shuffle=True, num_workers=workers,
+    loader = DataLoader(FolderPairs(pairs, crop, length=batch), batch_size=batch, shuffle=True, num_workers=workers,
                         drop_last=True, persistent_workers=workers > 0)
-    batches = _endless(loader)
+    batches = endless(loader)
 
     def step() -> None:
         b = next(batches)
@@ -208,8 +205,25 @@ def largest_batch(model_name: str, overrides: dict, crop: int, device: str) -> i
 # ----------------------------------------------------------------------------- the run
 
 
+def plus_recipe_images() -> tuple[str, int, int]:
+    """(model, crop, images) of the full `recipes/plus.yaml` run, which the projected wall time divides."""
+    from harness.recipe import load_recipe, total_steps
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "plus.yaml")
+    return recipe.model.name, recipe.data.crop, total_steps(recipe) * recipe.train.global_batch
+
+
+def projected_hours(rows: list[dict], model_name: str, crop: int, overrides: dict) -> list[dict]:
+    """Wall time of the whole plus.yaml run at each measured images/s, for the recipe's own model and crop."""
+    recipe_model, recipe_crop, images = plus_recipe_images()
+    if (model_name, crop, overrides) != (recipe_model, recipe_crop, {}):
+        return []
+    return [row(r["variant"], "plus_recipe_hours", images / r["value"] / 3600)
+            for r in rows if r["metric"] == "images_per_s" and r["value"]]
+
+
 def bench_config(args, model_name: str, batch: int, pairs, shards: Path, work: Path,
-                 peak: float) -> tuple[list[dict], dict, float]:
+                 peak: dict[str, float]) -> tuple[list[dict], dict, float]:
     """All variants for one model and batch size: rows, speedups, and the best trainer images/s."""
     cfg, device = args.cfg, args.device
     crop, steps, warmup = cfg["crop"], cfg["steps"], cfg["warmup"]
@@ -218,12 +232,13 @@ def bench_config(args, model_name: str, batch: int, pairs, shards: Path, work: P
     rows, best = [], 0.0
     for variant in args.variants.split(","):
         print(f"[train_throughput] {prefix}{variant} ...", flush=True)
-        wait = None
+        wait, precision = None, "fp32"
         if variant == "a-baseline":
             dt, mem = run_baseline(model_name, cfg["overrides"], pairs, crop, batch, steps, warmup,
                                    args.workers, device)
         else:
             switches = dict(zip(("precision", "channels_last", "compile", "impl"), TRAINER_VARIANTS[variant]))
+            precision = switches["precision"]
             recipe = trainer_recipe(model_name, cfg["overrides"], shards, crop, batch, args.workers,
                                     threads=cfg["threads"], **switches)
             dt, mem, wait = run_trainer(recipe, work / f"run-{variant}", steps, warmup, device)
@@ -231,9 +246,10 @@ def bench_config(args, model_name: str, batch: int, pairs, shards: Path, work: P
         if variant != "a-baseline":
             best = max(best, ips)
         rows += [row(prefix + variant, "images_per_s", ips), row(prefix + variant, "step_ms", dt * 1e3),
-                 row(prefix + variant, "peak_mem_mb", mem), row(prefix + variant, "mfu", ips * flops_img / (peak * 1e12))]
+                 row(prefix + variant, "peak_mem_mb", mem), row(prefix + variant, "mfu", ips * flops_img / (peak[precision] * 1e12))]
         if wait is not None:
             rows.append(row(prefix + variant, "data_wait", wait))
+    rows += projected_hours(rows, model_name, crop, cfg["overrides"])
     return rows, speedups(rows, "images_per_s", prefix + "a-baseline"), best
 
 
@@ -256,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     # World size 1 in this process: the trainer's distributed.init() finds a loopback group.
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     torch.set_num_threads(cfg["threads"] or os.cpu_count() or 1)  # the baseline; the trainer sets its own
-    peak, peak_src = peak_tflops(device, args.peak_tflops)
+    peak, peak_src = peak_tflops(device, args.peak_tflops, n=256 if args.quick else 2048)
     rows, speedup = [], {}
     with tempfile.TemporaryDirectory(prefix="mimo-bench-train-") as tmp:
         work = Path(tmp)
@@ -278,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
               **{k: dict(zip(("precision", "channels_last", "compile", "impl"), v))
                  for k, v in TRAINER_VARIANTS.items()}},
               "peak_tflops": peak, "peak_source": peak_src, "flops": "3 x forward (harness.models.count_flops)",
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "baseline": "a-baseline",
-              "note": SHARED_CPU_NOTE if device == "cpu" else ""}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "baseline": "a-baseline"}
     write_report("train_throughput", device=device, config=config, rows=rows, speedup=speedup, out=args.out)
     return 0
 

@@ -21,6 +21,8 @@ def _run(script: str, out: Path, *extra: str, timeout: float = 600) -> tuple[dic
     report = json.loads(out.read_text())
     assert set(report) == {"host", "device", "config", "results", "speedup"}
     assert report["config"]["quick"] is True and report["device"].startswith("cpu")
+    # Every report says how busy the machine was (other work shows in the load at the start).
+    assert report["config"]["load_avg_end"] >= 0 and report["config"]["cpu_count"] >= 1
     for r in report["results"]:
         assert set(r) == {"variant", "metric", "value"}
         assert r["value"] is None or math.isfinite(r["value"]), r
@@ -34,7 +36,7 @@ def _values(report: dict, metric: str) -> dict[str, float]:
 @pytest.mark.slow
 def test_train_throughput_quick_reports_every_variant_with_mfu_and_loader_headroom(tmp_path):
     report, stdout = _run("train_throughput.py", tmp_path / "tt.json")
-    prefix = "mimo-unet@32/b4/"
+    prefix = "mimo-unet@32/b8/"  # batch 8 from 4 synthetic pairs: both loaders must cycle, not stall
     names = ["a-baseline", "b-ds-fp32", "c-bf16", "d-bf16-cl", "e-compile", "f-fused-adam"]
     ips = _values(report, "images_per_s")
     assert set(ips) == {prefix + n for n in names} and all(v > 0 for v in ips.values())
@@ -46,12 +48,14 @@ def test_train_throughput_quick_reports_every_variant_with_mfu_and_loader_headro
         assert report["speedup"][prefix + n] == pytest.approx(ips[prefix + n] / ips[prefix + "a-baseline"], rel=0.01)
     # Trainer variants record the data-wait share of the step; the baseline does not.
     assert set(_values(report, "data_wait")) == {prefix + n for n in names[1:]}
-    crops, consumed = _values(report, "crops_per_s")["loader/b4"], _values(report, "trainer_images_per_s")["loader/b4"]
+    crops, consumed = _values(report, "crops_per_s")["loader/b8"], _values(report, "trainer_images_per_s")["loader/b8"]
     assert consumed == pytest.approx(max(ips[prefix + n] for n in names[1:]), rel=0.01)
-    assert _values(report, "headroom")["loader/b4"] == pytest.approx(crops / consumed, rel=0.01)
+    assert _values(report, "headroom")["loader/b8"] == pytest.approx(crops / consumed, rel=0.01)
     cfg = report["config"]
     assert cfg["variants"]["e-compile"]["compile"] and cfg["variants"]["f-fused-adam"]["impl"] == "fused"
-    assert cfg["peak_tflops"] > 0 and cfg["overrides"] == {"num_res": 1, "base_channels": 8}
+    # CPU MFU is against this CPU's measured matmul peak in the variant's precision.
+    assert set(cfg["peak_tflops"]) == {"fp32", "bf16"} and all(v > 0 for v in cfg["peak_tflops"].values())
+    assert cfg["peak_source"].startswith("measured") and cfg["overrides"] == {"num_res": 1, "base_channels": 8}
     assert "images/s" in stdout and "f-fused-adam" in stdout
 
 
@@ -100,3 +104,17 @@ def test_loss_curves_quick_plots_fp32_and_bf16(tmp_path):
     assert curves["fp32"][0] != curves["bf16"][0]
     tail = _values(report, "tail_mean_loss")
     assert _values(report, "tail_gap")["bf16-vs-fp32"] == pytest.approx(tail["bf16"] - tail["fp32"], abs=1e-3)
+
+
+def test_projected_wall_time_is_the_plus_recipe_images_over_measured_images_per_s(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import train_throughput as tt
+
+    model, crop, images = tt.plus_recipe_images()
+    assert (model, crop, images) == ("mimo-unet-plus", 256, 1_577_250 * 4)  # 3000 epochs of 2,103 pairs, batch 4
+    rows = [tt.row("v", "images_per_s", 100.0), tt.row("v", "step_ms", 40.0)]
+    assert tt.projected_hours(rows, model, crop, {}) == [tt.row("v", "plus_recipe_hours", images / 100 / 3600)]
+    # Only for the recipe's own model and crop: other settings would project a different run.
+    assert tt.projected_hours(rows, "mimo-unet", crop, {}) == []
+    assert tt.projected_hours(rows, model, 64, {}) == []
+    assert tt.projected_hours(rows, model, crop, {"num_res": 1}) == []
