@@ -3,8 +3,9 @@
 Only rank 0 logs; every other rank (and a disabled recipe) gets the no-op `Tracker`.
 Tracking must never cost the trainer its run: every record is queued, sent in order, and when
 the server cannot be reached the tracker warns once, keeps a bounded queue, retries now and
-then, and at `close` writes what was not sent to `<run_dir>/mlflow-offline.jsonl`, which
-`mimo tracking replay` sends later. Credentials never leave the process (see `redact`).
+then, and writes what was not sent to `<run_dir>/mlflow-offline.jsonl` at every checkpoint
+(`persist`: a run killed during an outage loses only the records its resume logs again) and at
+`close`; `mimo tracking replay` sends that file later. Credentials never leave the process (see `redact`).
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ class Tracker:
     def log_model(self, weights_path: str | os.PathLike, val_psnr: float) -> int | None:
         return None
 
+    def persist(self) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -302,6 +304,7 @@ class MlflowTracker(Tracker):
         self._history: dict[str, set[int]] = {}  # steps the run had before we resumed it
         self._last_step: dict[str, int] = {}
         self._params: dict[str, str] = {}  # params the run already has (they cannot change)
+        self._status_before: str | None = None  # a resumed run's status before we resumed it
         self._monitor = None
         if log_environment:
             self._queue.append({"kind": "params", "params": environment_params()})
@@ -351,12 +354,22 @@ class MlflowTracker(Tracker):
         return op.get("version")
 
     @_never_raises
+    def persist(self) -> None:
+        """At a checkpoint: while the server is unreachable, move the queue to the offline file, so
+        that a run killed now (SIGKILL, node failure) keeps every record up to its checkpoint."""
+        if not self._online and self._queue:
+            self._spill(list(self._queue))
+            self._queue.clear()
+
+    @_never_raises
     def close(self, status: str = "FINISHED") -> None:
         self._flush(force=True)
         self._stop_system_metrics()
         if self._started and not self._queue:
             with contextlib.suppress(Exception):
                 self._end_run(status)
+                if (self.run_dir / OFFLINE_FILE).exists():  # spilled during an outage, online since:
+                    self._spill([])  # the file's header learns the run id its records belong to
                 with contextlib.suppress(OSError):  # empty once everything was sent
                     (self.run_dir / PENDING_DIR).rmdir()
                 return
@@ -417,7 +430,7 @@ class MlflowTracker(Tracker):
             self._warned = True
             log.warning(
                 "tracking: MLflow server %s unreachable (%s); training continues, records are queued "
-                "and sent when it is back (else written to %s at the end)",
+                "and sent when it is back (else written to %s at checkpoints and at the end)",
                 redact(self.uri),
                 _short(exc),
                 self.run_dir / OFFLINE_FILE,
@@ -478,6 +491,7 @@ class MlflowTracker(Tracker):
                     "tracking: run %s not found on %s, starting a new run", self.run_id, redact(self.uri)
                 )
         if run is not None:
+            self._status_before = run.info.status  # start_run sets it RUNNING again
             self._load_history(run)
             active = mlflow.start_run(run_id=self.run_id)
         else:
@@ -873,7 +887,9 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
     if not tracker._online:
         raise HarnessError(f"{redact(tracker.uri)}: MLflow server unreachable; nothing replayed from {file}")
     if not any(op["kind"] == "end" for op in ops):
-        ops.append({"kind": "end", "status": "KILLED"})  # its trainer died before `close`
+        # Its trainer died before `close`: KILLED, unless a resumed trainer has ended the run since.
+        ended = tracker._status_before if tracker._status_before in ("FINISHED", "FAILED", "KILLED") else None
+        ops.append({"kind": "end", "status": ended or "KILLED"})
     tracker._queue.extend(ops)
     tracker._flush(force=True)
     if tracker._queue:

@@ -371,9 +371,11 @@ class Run:
         improved = metrics["val_psnr"] > self.state.best_psnr
         if improved:
             self.state.best_psnr, self.state.best_step = metrics["val_psnr"], self.state.step
-        tag_dir = self.save(best=improved)
+        # Recorded before the checkpoint, whose save persists the tracking queue: a run killed
+        # right after it resumes past this validation and would never log it again.
         self.log_event("validation", step=self.state.step, **metrics)
         self.tracker.log_metrics(metrics, step=self.state.step)
+        tag_dir = self.save(best=improved)
         if self.callbacks is not None and hasattr(self.callbacks, "on_validation"):
             self.callbacks.on_validation(self.state.step, dict(metrics), tag_dir)
         self.last_metrics = metrics
@@ -419,6 +421,7 @@ class Run:
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, shared=shared,
                                   per_rank={"loader": self.loader.state_dict()}, keep=self.recipe.checkpoint.keep,
                                   ema_model=self.ema.model if self.ema else None, best=best)
+        self.tracker.persist()  # records queued during a tracking outage survive a kill from here on
         self.log_event("checkpoint", step=self.state.step, tag=tag_dir.name)
         return tag_dir
 

@@ -225,6 +225,33 @@ def test_outage_buffers_flushes_then_offline_file_and_replay(mlflow_own_server, 
     assert not (tmp_path / OFFLINE_FILE).exists() and (tmp_path / (OFFLINE_FILE + ".replayed")).exists()
 
 
+def test_persist_at_checkpoint_keeps_an_outage_queue_through_a_kill(mlflow_server, tmp_path):
+    """A trainer killed during an outage (no `close`) keeps what it queued up to its last
+    `persist`. Replaying that file (no end record) ends a still-running run as KILLED, and keeps
+    the status of one that a resumed trainer has ended since."""
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    cfg = tcfg(mlflow_server)
+    experiment_id = client.create_experiment(cfg.experiment)
+    for before, after in (("RUNNING", "KILLED"), ("FINISHED", "FINISHED")):
+        run_id = client.create_run(experiment_id).info.run_id
+        client.log_metric(run_id, "loss", 1.0, step=1)
+        if before == "FINISHED":
+            client.set_terminated(run_id, "FINISHED")
+        run_dir = tmp_path / before
+        dead = MlflowTracker(tcfg(f"http://127.0.0.1:{free_port()}", experiment=cfg.experiment), run_dir,
+                             resume_run_id=run_id)
+        for step in (2, 3):
+            dead.log_metrics({"loss": float(step)}, step=step)
+        dead.persist()  # the checkpoint at step 3
+        dead.log_metrics({"loss": 4.0}, step=4)  # after it: lost with the kill, logged again by the resume
+        del dead  # killed: never closed
+        records = [json.loads(line) for line in (run_dir / OFFLINE_FILE).read_text().splitlines()]
+        assert records[0]["run_id"] == run_id and [r["step"] for r in records if r["kind"] == "metrics"] == [2, 3]
+        assert replay(run_dir, tracking_uri=mlflow_server) == run_id
+        run = client.get_run(run_id)
+        assert steps(client, run_id, "loss") == [1, 2, 3] and run.info.status == after, before
+
+
 def test_offline_from_start_replays_into_a_new_run(mlflow_server, tmp_path):
     cfg = tcfg(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     t0 = time.monotonic()

@@ -2,8 +2,9 @@
 
 One scenario, because every launch costs about a minute of the two shared cores: a run is
 killed mid-run and resumed with `--resume auto`; during the resumed launch the tracking server
-crashes; training still finishes, the offline file is written, the server comes back on the
-same store and `mimo tracking replay` sends the rest. In the end there must be exactly one
+crashes, and the trainer is killed again during the outage, after a checkpoint; a third launch
+resumes while the server is still down and finishes; the server comes back on the same store and
+`mimo tracking replay` sends what the offline file holds from both outage launches. In the end there must be exactly one
 MLflow run with every metric's steps strictly increasing, params, dataset tags, triptychs,
 artifacts, and a registered `champion` pyfunc that deblurs exactly like `mimo deblur`.
 """
@@ -79,6 +80,10 @@ def _last_step(run_dir: Path, after_resume: bool = False) -> int:
     return max((e["step"] for e in events if e["event"] == "train"), default=0)
 
 
+def _checkpointed_after(run_dir: Path, step: int) -> bool:
+    return any(e["event"] == "checkpoint" and e["step"] > step for e in _events(run_dir))
+
+
 def _history_steps(client, run_id: str, key: str) -> list[int]:
     history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
     return [m.step for m in history]
@@ -100,13 +105,22 @@ def test_kill_resume_server_crash_replay_one_run_champion_pyfunc_equals_mimo_deb
 
     second = launch_train([*args, "--resume", "auto"], nprocs=2, env=ds_env)
     second.wait_for(lambda: _last_step(run_dir, after_resume=True) >= 12, timeout=TIMEOUT)
-    server.kill()  # the tracking server crashes mid-run
-    assert second.run(TIMEOUT) == 0, second.output()[-3000:]
+    server.kill()  # the tracking server crashes mid-run ...
+    # ... and the trainer is killed during the outage, after its next checkpoint: what it queued
+    # up to that checkpoint is on disk by then (Tracker.persist); its resume logs the rest again.
+    down_at = _last_step(run_dir)
+    second.wait_for(lambda: _checkpointed_after(run_dir, down_at), timeout=TIMEOUT)
+    second.kill()
+    assert not (run_dir / "summary.json").exists(), "the kill should land before the end"
+    assert (run_dir / OFFLINE_FILE).exists(), "records queued during the outage were not persisted"
+
+    third = launch_train([*args, "--resume", "auto"], nprocs=2, env=ds_env)
+    assert third.run(TIMEOUT) == 0, third.output()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_step"] == STEPS
-    out = second.output()
-    assert out.count("unreachable") == 1, out[-3000:]  # one warning for the whole outage
-    assert f"mimo tracking replay {run_dir}" in out
+    for launch in (second, third):  # one warning for each launch's outage
+        assert launch.output().count("unreachable") == 1, launch.output()[-3000:]
+    assert f"mimo tracking replay {run_dir}" in third.output()
     header = json.loads((run_dir / OFFLINE_FILE).read_text().splitlines()[0])
     assert header["run_id"] == summary["mlflow_run_id"]
 
