@@ -29,6 +29,10 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from harness.io import load_rgb_array  # noqa: E402
 
+# Both loaders get epochs as long as GoPro's train split, so that what happens once an epoch (the
+# stream's shuffle buffers refill, the DataLoader's workers drain and restart the sampler) weighs
+# what it weighs there, not once every 3 batches as a 12-pair set's own epochs would make it.
+GOPRO_TRAIN_PAIRS = 2103
 FULL = dict(size=(720, 1280), scenes=2, frames=6, crop=256, batch=4, warmup=4, batches=40)
 QUICK = dict(size=(96, 128), scenes=1, frames=4, crop=64, batch=4, warmup=2, batches=6)
 
@@ -89,13 +93,14 @@ def run(cfg: dict, workers: int, work: Path) -> dict:
                split="train", options=P.PackOptions(encoding=enc, samples_per_shard=2, workers=workers))
     crop, batch, warmup, n = cfg["crop"], cfg["batch"], cfg["warmup"], cfg["batches"]
     results = []
-    folder = DataLoader(FolderPairs([(p.blur, p.sharp) for p in pairs], crop), batch_size=batch, shuffle=True,
+    folder = DataLoader(FolderPairs([(p.blur, p.sharp) for p in pairs], crop, length=GOPRO_TRAIN_PAIRS),
+                        batch_size=batch, shuffle=True,
                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
     results.append(("folder-png", measure(endless(folder), warmup, n, batch)))
     for enc in ("png", "raw"):
         for cpi in (1, 4):
             stream = train_loader(work / enc, crop=crop, crops_per_image=cpi, batch_size=batch, seed=0,
-                                  workers=workers)
+                                  workers=workers, samples_per_epoch=GOPRO_TRAIN_PAIRS * cpi)
             results.append((f"shards-{enc}-c{cpi}", measure(stream, warmup, n, batch)))
             stream.close()
     return {v: value for v, value in results}

@@ -31,7 +31,8 @@ def _tars(d: Path) -> list[Path]:
 
 def test_gopro_manifest_verify_and_flipped_byte(fake_gopro, tmp_path, capsys):
     out = tmp_path / "s"
-    assert _pack("gopro", "--root", fake_gopro, "--split", "train", "--out", out, "--samples-per-shard", 3) == 0
+    assert _pack("gopro", "--root", fake_gopro, "--split", "train", "--out", out, "--samples-per-shard", 3,
+                 "--encoding", "png") == 0
     m = shards.load_manifest(out)
     assert [s["samples"] for s in m["shards"]] == [3, 3, 3, 1]
     assert m["total_samples"] == sum(GOPRO_FRAMES.values()) == 10
@@ -75,7 +76,7 @@ def test_reds_and_folders_keys(fake_reds, paired_folders, tmp_path):
     assert m["shards"][0]["name"] == "val-000000.tar" and m["total_samples"] == 6
     assert m["shards"][0]["keys"][:2] == ["000_00000000", "000_00000001"]
     blur, sharp = paired_folders
-    assert _pack("folders", "--blur", blur, "--sharp", sharp, "--out", tmp_path / "f", "--encoding", "raw") == 0
+    assert _pack("folders", "--blur", blur, "--sharp", sharp, "--out", tmp_path / "f") == 0  # raw by default
     m = shards.load_manifest(tmp_path / "f")
     assert m["shards"][0]["keys"] == ["a", "b", "sub_c"] and m["encoding"] == "raw"
     assert shards.verify(tmp_path / "f") == []
@@ -176,7 +177,7 @@ def test_parts_merge_equal_single_pack(fake_gopro, packed_shards, tmp_path, caps
     out = tmp_path / "parts"
     for i in range(3):
         assert _pack("gopro", "--root", fake_gopro, "--split", "train", "--out", out,
-                     "--samples-per-shard", 2, "--part", f"{i}/3") == 0
+                     "--samples-per-shard", 2, "--part", f"{i}/3", "--encoding", "png") == 0
     assert not (out / "manifest.json").exists()
     assert main(["shards", "merge-manifest", str(out)]) == 0
     merged, single = shards.load_manifest(out), shards.load_manifest(packed_shards)
@@ -187,6 +188,19 @@ def test_parts_merge_equal_single_pack(fake_gopro, packed_shards, tmp_path, caps
     (out / "manifest.json").unlink()
     assert main(["shards", "merge-manifest", str(out)]) == 2
     assert "parts [1] of 3" in capsys.readouterr().err
+
+
+def test_local_shards_read_exactly_as_webdataset_reads_them(packed_shards):
+    import webdataset as wds
+
+    def strip(samples: list[dict]) -> list[dict]:
+        return [{k: v for k, v in s.items() if k != "__url__"} for s in samples]
+
+    for tar in _tars(packed_shards):
+        ours = list(shards.iter_shard(str(tar)))  # random-access reader for local files
+        assert ours == list(wds.tarfile_samples([{"url": str(tar)}]))  # webdataset's own reader
+        assert strip(ours) == strip(shards.iter_shard(f"file:{tar}"))
+        assert strip(ours) == strip(shards.iter_shard(f"pipe:cat {tar}"))  # URLs go through webdataset
 
 
 def test_png_and_raw_decode_identical(fake_gopro, packed_shards, pack_shards):

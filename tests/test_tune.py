@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,38 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.fixtures.launch import Background
 from tests.fixtures.ray import torch_extensions_dir
 
 pytestmark = pytest.mark.slow
 SMOKE = REPO / "recipes" / "tune-smoke.yaml"
 
 
-class Driver:
+class Driver(Background):
     """`python -m harness.tune ...` against the test's Ray head, in its own process group."""
 
     def __init__(self, args: list[str], head, log: Path):
-        self.log = log
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "harness.tune", *map(str, args)], cwd=REPO,
-                                         env=head.env(), stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"tune driver timed out:\n{self.output()[-4000:]}") from None
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        super().__init__([sys.executable, "-m", "harness.tune", *map(str, args)], log=log, env=head.env())
 
 
 def data_args(shards: dict[str, Path], storage: Path) -> list[str]:

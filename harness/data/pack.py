@@ -42,7 +42,10 @@ _MAX_LISTED = 5
 
 @dataclass(frozen=True)
 class PackOptions:
-    encoding: str = "png"
+    # raw by default: a crop from a raw sample costs ~3 ms of one loader worker, from a PNG pair
+    # ~50 ms (two 1280x720 decodes), which no GPU's handful of workers can feed at 1 crop per
+    # image (benchmarks/README.md, loader); png keeps archives ~2x smaller.
+    encoding: str = "raw"
     shard_bytes: int = DEFAULT_SHARD_BYTES
     samples_per_shard: int | None = None
     workers: int = 1

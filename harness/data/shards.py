@@ -128,16 +128,35 @@ def read_meta(sample: dict[str, Any]) -> dict[str, Any]:
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one shard (local path or webdataset URL such as `pipe:cat x.tar`), undecoded.
 
-    Uses webdataset's own tar reader, so anything webdataset reads, we read. A broken tar raises
-    HarnessError naming the shard.
+    Samples are grouped by webdataset's own `group_by_keys`, so anything webdataset reads, we
+    read, with the same keys. A local file is read with random access, one read per member:
+    webdataset's stream reader copies members in 10 KB pieces, which was three quarters of the
+    cost of a raw 1280x720 sample. A broken tar raises HarnessError naming the shard.
     """
     import webdataset as wds
+    from webdataset.tariterators import group_by_keys
 
+    local = Path(url.removeprefix("file:")) if "://" not in url and not url.startswith("pipe:") else None
     try:
-        yield from wds.tarfile_samples([{"url": url}])
+        if local is not None and local.is_file():
+            yield from group_by_keys(_local_members(local, url))
+        else:
+            yield from wds.tarfile_samples([{"url": url}])
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         msg = str(exc.args[0]) if exc.args else exc.__class__.__name__
         raise HarnessError(f"shard {url}: unreadable tar ({msg.split(' @ ')[0]})") from None
+
+
+_WDS_SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members it never yields
+
+
+def _local_members(path: Path, url: str) -> Iterator[dict[str, Any]]:
+    """Regular members of a local tar as webdataset's tar_file_expander gives them."""
+    with tarfile.open(path, "r:") as tf:
+        for info in tf:
+            if info.isreg() and not _WDS_SKIP.match(info.name):
+                yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": url}
+            tf.members = []  # headers are not needed again: keep memory flat over big shards
 
 
 def tar_keys(path: Path) -> list[str]:
