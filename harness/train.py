@@ -318,11 +318,15 @@ class Run:
         return loss_sum / n, {k: v / n for k, v in parts_sum.items()}, wait
 
     def _to_device(self, t, dtype=None):
-        """Non-blocking copy (the stream pins memory on CUDA), NHWC when train.channels_last."""
+        """Non-blocking copy of a uint8 batch (the stream pins memory on CUDA), converted to `dtype`
+        in [0, 1] on the device; NHWC when train.channels_last, else NCHW."""
         import torch
 
-        t = t.to(self.engine.device, non_blocking=True).to(dtype or torch.float32)
-        return t.contiguous(memory_format=torch.channels_last) if self.recipe.train.channels_last else t
+        from harness.data.crops import to_float
+
+        t = to_float(t.to(self.engine.device, non_blocking=True), dtype)
+        fmt = torch.channels_last if self.recipe.train.channels_last else torch.contiguous_format
+        return t.contiguous(memory_format=fmt)
 
     def _poison(self, loss):
         """1.0, or NaN when the loss is non-finite on any rank; all-reduced on the device, no host sync."""

@@ -50,8 +50,10 @@ def test_two_ranks_two_workers_disjoint_shards_same_batch_count(flat_shards):
         stream.close()
         counts.append(len(batches))
         for i, b in enumerate(batches):
-            assert b["blur"].shape == (2, 3, 16, 16) and b["blur"].dtype == torch.float32
-            samples = {round(float(v) * 255 - 5) // 10 for v in b["blur"][:, 0, 0, 0]}
+            # uint8 until the trainer's device (a quarter of the bytes), NCHW in channels_last memory
+            assert b["blur"].shape == (2, 3, 16, 16) and b["blur"].dtype == torch.uint8
+            assert b["blur"].is_contiguous(memory_format=torch.channels_last)
+            samples = {(int(v) - 5) // 10 for v in b["blur"][:, 0, 0, 0]}
             seen.setdefault((rank, i % 2), set()).update(s // 2 for s in samples)  # shard of each sample
     assert counts == [12, 12]  # 48 crops / (2 ranks x batch 2), though the 4 slots hold 2, 2, 1, 1 shards
     slots = list(seen.values())
@@ -123,8 +125,7 @@ def test_crops_stay_aligned(tmp_path, pack_shards):
     for b in _take(train_loader(out, crop=(8, 12), crops_per_image=4, batch_size=4, seed=0,
                                 augment="hflip,vflip,rot90"), 5):
         assert torch.equal(b["blur"], b["sharp"]) and b["blur"].shape == (4, 3, 8, 12)
-        assert b["blur"].min() >= 0 and b["blur"].max() <= 1
-        crop = (b["blur"][0].permute(1, 2, 0) * 255).round().byte().numpy()
+        crop = b["blur"][0].permute(1, 2, 0).numpy()
         assert any(_contains(img, crop) for img in src.values())  # a real (flipped) crop of a source frame
 
 
@@ -185,3 +186,17 @@ def test_loader_source_errors(tmp_path):
         train_loader(str(tmp_path / "x.tar"), augment="colour")
     with pytest.raises(HarnessError, match=r"x.tar: unreadable tar"):
         train_loader(str(tmp_path / "x.tar"))
+
+
+def test_to_float_scales_uint8_once_in_float32_and_passes_floats_through():
+    from harness.data.crops import to_float, to_tensor_batch
+
+    crops = [np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5, np.full((4, 4, 3), 255, np.uint8)]
+    batch = to_tensor_batch(crops)
+    assert batch.dtype == torch.uint8 and batch.shape == (2, 3, 4, 4)
+    assert torch.equal(batch[0], torch.from_numpy(crops[0]).permute(2, 0, 1))
+    f32 = to_float(batch)
+    assert f32.dtype == torch.float32 and torch.equal(f32, batch.float() / 255) and f32.max() == 1.0
+    # bf16: divided in float32, rounded once (not 255 rounded to bf16 and divided in bf16)
+    assert torch.equal(to_float(batch, torch.bfloat16), (batch.float() / 255).bfloat16())
+    assert torch.equal(to_float(f32), f32) and to_float(f32, torch.float16).dtype == torch.float16

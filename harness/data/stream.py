@@ -223,7 +223,8 @@ class TrainDataset(IterableDataset):
 
 
 class TrainStream:
-    """Infinite iterable of {"blur", "sharp"} float32 NCHW batches with exact save/restore.
+    """Infinite iterable of {"blur", "sharp"} uint8 NCHW batches (channels_last memory; see
+    `crops.to_tensor_batch` and `crops.to_float`) with exact save/restore.
 
     Iterating continues from `batches` (the count consumed so far); `epoch` and
     `batches_per_epoch` give the nominal epoch. See the module docstring for the state format.
