@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from harness.data.shards import is_url
 from harness.errors import HarnessError
 
 
@@ -209,11 +210,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- data paths
-
-
-def is_url(source: str) -> bool:
-    """Webdataset sources that are not local files (pipe:, http(s):, s3:, gs: ...)."""
-    return "://" in source or source.startswith("pipe:")
 
 
 def _resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:

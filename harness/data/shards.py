@@ -125,6 +125,16 @@ def read_meta(sample: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- reading tars
 
 
+def is_url(source: str) -> bool:
+    """Webdataset sources that are not local files (pipe:, http(s):, s3:, gs: ...)."""
+    return "://" in source or source.startswith("pipe:")
+
+
+def local_path(url: str) -> Path | None:
+    """The file a local shard source names (`file:` prefix dropped); None for URLs."""
+    return None if is_url(url) else Path(url.removeprefix("file:"))
+
+
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one shard (local path or webdataset URL such as `pipe:cat x.tar`), undecoded.
 
@@ -136,7 +146,7 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     import webdataset as wds
     from webdataset.tariterators import group_by_keys
 
-    local = Path(url.removeprefix("file:")) if "://" not in url and not url.startswith("pipe:") else None
+    local = local_path(url)
     try:
         if local is not None and local.is_file():
             yield from group_by_keys(_local_members(local, url))

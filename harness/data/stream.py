@@ -46,7 +46,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from harness.data import crops as C
-from harness.data.shards import decode_pair, image_ext, image_size, iter_shard, load_manifest, read_meta
+from harness.data.shards import (
+    decode_pair,
+    image_ext,
+    image_size,
+    iter_shard,
+    load_manifest,
+    local_path,
+    read_meta,
+    tar_keys,
+)
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -73,19 +82,13 @@ def resolve_source(source: str | os.PathLike) -> tuple[list[str], list[int] | No
     import braceexpand
 
     urls = [u for part in str(source).split("::") for u in braceexpand.braceexpand(part)]
-    local = [u for u in urls if not _is_remote(u)]
-    missing = [u for u in local if not Path(u.removeprefix("file:")).is_file()]
+    paths = [local_path(u) for u in urls]
+    missing = [u for u, p in zip(urls, paths) if p is not None and not p.is_file()]
     if missing:
         raise HarnessError(f"{missing[0]}: no such shard ({len(missing)} of {len(urls)} missing in {source})")
-    if len(local) < len(urls):
+    if None in paths:
         return urls, None
-    from harness.data.shards import tar_keys
-
-    return urls, [len(tar_keys(Path(u.removeprefix("file:")))) for u in urls]
-
-
-def _is_remote(url: str) -> bool:
-    return ":" in url.split("/", 1)[0] and not url.startswith("file:")
+    return urls, [len(tar_keys(p)) for p in paths]
 
 
 # ---------------------------------------------------------------- helpers
