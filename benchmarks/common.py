@@ -22,9 +22,15 @@ if str(REPO) not in sys.path:  # benchmarks run as scripts from anywhere
 
 from harness.io import atomic_write  # noqa: E402
 
+
 # The 1-minute load average when the benchmark started: other work sharing the machine shows here
 # (the end value includes the benchmark itself). Written into every report's config.
-LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def load_avg() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+LOAD_AT_START = load_avg()
 
 
 def device_name(device: str = "cpu") -> str:
@@ -91,8 +97,7 @@ def _fmt(value) -> str:
 def write_report(name: str, *, device: str, config: dict, rows: list[dict], speedup: dict[str, float],
                  out: str | os.PathLike | None = None) -> Path:
     """Print the table and write the JSON report atomically; returns its path."""
-    load = {"load_avg_start": LOAD_AT_START, "load_avg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "cpu_count": os.cpu_count()}
+    load = {"load_avg_start": LOAD_AT_START, "load_avg_end": load_avg(), "cpu_count": os.cpu_count()}
     report = {"host": socket.gethostname(), "device": device_name(device), "config": {**config, **load},
               "results": rows, "speedup": speedup}
     path = Path(out) if out else result_path(name, device)
