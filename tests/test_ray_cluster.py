@@ -23,6 +23,7 @@ import yaml
 
 from tests.conftest import REPO, free_port
 from tests.fixtures.ray import RAY_ENV, torch_extensions_dir
+from tests.fixtures.system import require
 
 pytestmark = pytest.mark.slow
 RAY_BIN = Path(sys.executable).with_name("ray")
@@ -64,6 +65,7 @@ class Sshd:
     HOME set to a temp dir (so `~` of the "remote" head — .bashrc, ~/mimo-harness — is ours)."""
 
     def __init__(self, root: Path):
+        require("ssh")  # openssh-server + rsync are not on a fresh image: cluster/system-deps.sh
         self.root, self.home, self.port = root, root / "home", free_port()
         self.key = root / "id_ed25519"
         self.home.mkdir(mode=0o700)

@@ -5,7 +5,7 @@
 #   export SLURM_CONF=STATE_DIR/slurm.conf     (printed at the end; every Slurm command needs it)
 #   cluster/slurm/local/down.sh [STATE_DIR]    (stops everything this started, by PID)
 #
-# Installs `slurmctld slurmd slurm-client munge` from the OS packages when missing (root only),
+# Installs `slurmctld slurmd slurm-client munge` when missing (root only; cluster/system-deps.sh),
 # then starts our own munged, slurmctld and one slurmd per node. All state, sockets, logs and
 # pid files live in STATE_DIR; anything a previous (crashed) run left there is stopped first.
 # Ports: free ones are picked unless CTLD_PORT / N1_PORT / N2_PORT are set.
@@ -20,16 +20,8 @@ die() { echo "slurm-local: $*" >&2; exit 1; }
 cannot() { echo "slurm-local: cannot install Slurm: $*" >&2; exit 3; }
 
 install_packages() {
-    local need=()
-    for bin in slurmctld slurmd srun munged; do command -v "$bin" >/dev/null || need+=("$bin"); done
-    [[ ${#need[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || cannot "missing ${need[*]} and not root: install slurmctld slurmd slurm-client munge"
-    command -v apt-get >/dev/null || cannot "missing ${need[*]} and no apt-get to install them"
-    export DEBIAN_FRONTEND=noninteractive
-    # The package index may be missing on a fresh image: update once, then retry.
-    apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null; } \
-        || cannot "apt-get install slurmctld slurmd slurm-client munge failed"
+    # The one list of OS packages (exit 3 = cannot install here, which the tests report as a skip).
+    "$HERE/../../system-deps.sh" slurm
 }
 
 free_port() {
