@@ -1,13 +1,15 @@
-"""Inference latency and memory: harness.infer.deblur (fp32/bf16, tiled, self-ensemble) vs a plain forward.
+"""Inference latency and memory: harness.infer.deblur (fp32/bf16, tiled, self-ensembles) vs a plain forward.
 
 Variants per model (ratios are latency speedups against `plain-fp32` of the same model; below 1
-means slower, e.g. the 8-pass ensemble):
+means slower, e.g. the ensembles):
   plain-fp32      model(x)[-1] under torch.inference_mode, the reference code's test loop
   deblur-fp32     harness.infer.deblur: pad to /4, crop back, clamp
   deblur-bf16     + bf16 autocast
   tiled-fp32      + tiles with raised-cosine blending (memory bounded by the tile)
-  ensemble-fp32   + 8-fold self-ensemble (MIMO-UNet++ style)
-  ensemble-bf16   + bf16
+  rot4-fp32       + MIMO-UNet++ as published: 4 rotations averaged, 2 batched forwards of 2 images
+  rot4-bf16       + bf16
+  d8-fp32         + the 8-fold flip x rotation ensemble, 8 forwards of 1 image
+The rot4 rows also get `speedup_vs_d8` (d8 latency / rot4 latency of the same model and precision).
 
     python benchmarks/inference.py --quick            # tiny model, 64x96 image; the test suite
     python benchmarks/inference.py                    # CPU: MIMO-UNet and MIMO-UNet+, 320x180
@@ -35,8 +37,9 @@ VARIANTS = {
     "deblur-fp32": {"precision": "fp32"},
     "deblur-bf16": {"precision": "bf16"},
     "tiled-fp32": {"precision": "fp32", "tile": True},
-    "ensemble-fp32": {"precision": "fp32", "ensemble": True},
-    "ensemble-bf16": {"precision": "bf16", "ensemble": True},
+    "rot4-fp32": {"precision": "fp32", "ensemble": "rot4"},
+    "rot4-bf16": {"precision": "bf16", "ensemble": "rot4"},
+    "d8-fp32": {"precision": "fp32", "ensemble": "d8"},
 }
 # threads: torch intra-op threads (None = torch's default); one in --quick (the test suite shares the CPU).
 QUICK = dict(models="mimo-unet", overrides={"num_res": 1, "base_channels": 8}, size="64x96", tile=48, reps=2,
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             v = f"{name}/{variant}"
             model_rows += [row(v, "latency_ms", dt * 1e3), row(v, "peak_mem_mb", mem),
                            row(v, "mpix_per_s", h * w / dt / 1e6), row(v, "forward_gflop", gflop)]
+        latency = {r["variant"]: r["value"] for r in model_rows if r["metric"] == "latency_ms"}
+        model_rows.append(row(f"{name}/rot4-fp32", "speedup_vs_d8",
+                              latency[f"{name}/d8-fp32"] / latency[f"{name}/rot4-fp32"]))
         # Each model's variants against its own plain forward.
         speedup.update(speedups(model_rows, "latency_ms", f"{name}/plain-fp32", lower_is_better=True))
         rows += model_rows

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import PeakMemory, peak_tflops, row, speedups, sync, write_report  # noqa: E402
-from loader import GOPRO_TRAIN_PAIRS, FolderPairs, endless, measure  # noqa: E402
+from loader import FolderPairs, endless, measure  # noqa: E402
 
 from harness.losses import mimo_loss  # noqa: E402
 from harness.models import count_flops, create_model  # noqa: E402
@@ -257,8 +257,7 @@ def loader_headroom(shards: Path, crop: int, batch: int, workers: int, consumed:
     """The shard loader alone at the trainer's settings vs what the fastest trainer variant consumes."""
     from harness.data.stream import train_loader
 
-    stream = train_loader(shards, crop=crop, crops_per_image=1, batch_size=batch, seed=0, workers=workers,
-                          samples_per_epoch=GOPRO_TRAIN_PAIRS)
+    stream = train_loader(shards, crop=crop, crops_per_image=1, batch_size=batch, seed=0, workers=workers)
     try:
         crops = measure(stream, 2, max(steps, 4) * 2, batch)
     finally:

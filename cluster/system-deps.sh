@@ -22,6 +22,10 @@ declare -A GROUPS_=(
     [ssh]="/usr/sbin/sshd ssh ssh-keygen rsync | openssh-server openssh-client rsync"
     # The real local Slurm of cluster/slurm/local/ (controller, node daemons, client, munge).
     [slurm]="slurmctld slurmd srun sbatch scontrol munged | slurmctld slurmd slurm-client munge"
+    # Two "hosts" on one machine (cluster/slurm/local/hosts-up.sh): network namespaces + veth.
+    [netns]="ip | iproute2"
+    # DeepSpeed's multi-node launcher (`deepspeed --hostfile`, its default `--launcher pdsh`).
+    [pdsh]="pdsh | pdsh"
 )
 
 die() { echo "system-deps: $*" >&2; exit 2; }

@@ -7,10 +7,14 @@ them; a plain `python harness/train.py` becomes a world of one on a free loopbac
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import os
 import random
 import socket
+import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -67,6 +71,65 @@ def _slurm_master_addr(env) -> str:
     return first
 
 
+SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def bind_socket_ifname(env: dict[str, str] | None = None) -> str | None:
+    """Point gloo and NCCL at the interface this node reaches MASTER_ADDR through, when unset.
+
+    Left alone, gloo binds to whatever this host's name resolves to, which on a multi-homed or
+    containerised node is often an address the other nodes cannot reach (or no local address at
+    all: gloo then falls back to loopback and the ranks of other nodes hang). A master on
+    loopback means a one-host run, where the defaults work. Returns the interface it set.
+    """
+    env = os.environ if env is None else env
+    master = env.get("MASTER_ADDR", "")
+    if all(env.get(var) for var in SOCKET_IFNAME_VARS) or not master or _is_loopback(master):
+        return None
+    name, local = interface_toward(master)
+    if name is None:
+        return None
+    chosen = [var for var in SOCKET_IFNAME_VARS if not env.get(var)]
+    for var in chosen:
+        env[var] = name
+    print(f"distributed: rank {env.get('RANK', '?')}: {'/'.join(chosen)}={name} (holds {local}, this node's "
+          f"address toward MASTER_ADDR {master}); set {chosen[0]} to choose another", file=sys.stderr, flush=True)
+    return name
+
+
+def interface_toward(addr: str) -> tuple[str | None, str | None]:
+    """(interface name, local IPv4 address) this host uses to reach `addr`, from the routing table."""
+    try:
+        target = socket.gethostbyname(addr)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))  # UDP connect sends nothing: it only picks the route and source
+            local = s.getsockname()[0]
+    except OSError:
+        return None, None
+    for _, name in socket.if_nameindex():
+        if _ipv4_of(name) == local:
+            return name, local
+    return None, local
+
+
+def _ipv4_of(name: str) -> str | None:
+    """The IPv4 address of interface `name` (SIOCGIFADDR), None when it has none."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 def init(backend: str | None = None) -> World:
     """Initialise torch.distributed through DeepSpeed, reusing a group that already exists (Ray)."""
     import deepspeed
@@ -74,6 +137,13 @@ def init(backend: str | None = None) -> World:
 
     if not dist.is_initialized():
         prepare_env()
+        bind_socket_ifname()
+    if _has_cuda():
+        # Before NCCL starts: otherwise every rank of a node opens its communicator (and the first
+        # barrier's buffers) on GPU 0.
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     backend = backend or ("nccl" if _has_cuda() else "gloo")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return World(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
@@ -172,3 +242,14 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+if __name__ == "__main__":
+    # `python -m harness.distributed ifname ADDR`: the interface toward ADDR, for launch scripts
+    # that must set GLOO_SOCKET_IFNAME before something else (Ray Train) builds the group.
+    if len(sys.argv) != 3 or sys.argv[1] != "ifname":
+        sys.exit("usage: python -m harness.distributed ifname ADDRESS")
+    found, _ = interface_toward(sys.argv[2])
+    if found is None:
+        sys.exit(f"distributed: no local interface routes to {sys.argv[2]}")
+    print(found)

@@ -2,10 +2,13 @@
 
 - `deblur` runs a MIMO-UNet on any image size: pads to a multiple of 4 and crops back (the
   reference code crashes instead), optionally in overlapping tiles blended with a raised-cosine
-  window (images too large for memory), optionally with the 8-fold geometric self-ensemble
-  (MIMO-UNet+ -> MIMO-UNet++), under bf16/fp16 autocast on request. Output: fp32 in [0, 1].
+  window (images too large for memory), optionally with a geometric self-ensemble: `rot4`
+  (MIMO-UNet+ -> MIMO-UNet++ as published: 0/90/180/270 degree rotations, no flips, averaged,
+  in two batched forwards) or `d8` (the 8 flips x rotations, one forward each), under bf16/fp16
+  autocast on request. Output: fp32 in [0, 1] on the model's device.
 - `evaluate` scores restored and blurred frames against sharp ones (PSNR/SSIM as in
-  harness.metrics: RGB, data range 1, no border crop), overall, per scene and per image.
+  harness.metrics: RGB, data range 1, no border crop), overall, per scene and per image, on the
+  model's device, batching equal-size frames on request, and times the restoration.
 - `folder_pairs` finds blur/sharp pairs in a GoPro-layout tree or a plain blur/ + sharp/ pair.
 """
 
@@ -16,6 +19,7 @@ import csv
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,6 +61,24 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- forward, tiles, ensemble
+
+
+def resolve_device(choice: str | None, what: str = "device") -> torch.device:
+    """"auto"/None (cuda when there is one), "cpu", "cuda" or "cuda:N" -> a device; one
+    HarnessError naming `what` when CUDA is asked for and absent, or the name is not a device."""
+    if choice in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise HarnessError(f"{what} {choice}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise HarnessError(f"{what} {choice}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"{what} {choice}: no CUDA device is available (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HarnessError(f"{what} {choice}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -138,7 +160,35 @@ def _tiled(
     return crop_to(out / weight, size)
 
 
-def self_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+ENSEMBLES = ("rot4", "d8")
+
+
+def ensemble_mode(value: bool | str | None) -> str | None:
+    """The self-ensemble a setting names: None (plain forward), "rot4" (True: MIMO-UNet++ as its
+    authors ran it) or "d8"."""
+    if value is None or value is False or value in ("", "none"):
+        return None
+    if value is True:
+        return "rot4"
+    if value not in ENSEMBLES:
+        raise HarnessError(f"ensemble: expected true/false, rot4 or d8, got {value!r}")
+    return value
+
+
+def rot4_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Average of `fn` over the input rotated by 0, 90, 180 and 270 degrees, each rotated back.
+
+    Two batched calls: 0 and 180 degrees share the input's shape, 90 and 270 the transposed one.
+    """
+    n, dims = x.shape[0], (-2, -1)
+    upright = fn(torch.cat([x, torch.rot90(x, 2, dims)])).float()
+    turned = fn(torch.cat([torch.rot90(x, 1, dims), torch.rot90(x, 3, dims)])).float()
+    total = upright[:n] + torch.rot90(upright[n:], -2, dims)
+    total = total + torch.rot90(turned[:n], -1, dims) + torch.rot90(turned[n:], -3, dims)
+    return total / 4
+
+
+def d8_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Average of `fn` over the 8 dihedral transforms (4 rotations x optional flip), each undone."""
     total = None
     for k in range(4):
@@ -154,17 +204,21 @@ def self_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     return total / 8
 
 
+_ENSEMBLE_FNS = {"rot4": rot4_ensemble, "d8": d8_ensemble}
+
+
 def deblur(
     model: nn.Module,
     x: torch.Tensor,
     *,
     tile: int | None = None,
     overlap: int = 32,
-    ensemble: bool = False,
+    ensemble: bool | str | None = False,
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Restore NCHW (or CHW) images in [0,1] of any size; returns fp32 in [0,1] on the model's device.
 
+    `ensemble`: False/None, True or "rot4" (4 rotations, 2 batched forwards), "d8" (8 forwards).
     The model runs in eval mode under `torch.inference_mode`; its previous train/eval mode is
     restored afterwards so the trainer can call this mid-training.
     """
@@ -177,8 +231,9 @@ def deblur(
     if tile is not None and not (8 <= tile and 0 <= overlap < tile - tile % 4):
         raise HarnessError(f"tile/overlap: expected tile >= 8 and 0 <= overlap < tile, got {tile}/{overlap}")
     device = _device_of(model)
-    xb = xb.to(device=device, dtype=torch.float32)
+    xb = xb.to(device=device, dtype=torch.float32, non_blocking=True)
     _autocast(device, precision)  # validate before any work
+    mode = ensemble_mode(ensemble)
 
     def run(t: torch.Tensor) -> torch.Tensor:
         with _autocast(device, precision):
@@ -189,7 +244,7 @@ def deblur(
     model.eval()
     try:
         with torch.inference_mode():
-            y = (self_ensemble(step, xb) if ensemble else step(xb)).float().clamp_(0.0, 1.0)
+            y = (_ENSEMBLE_FNS[mode](step, xb) if mode else step(xb)).float().clamp_(0.0, 1.0)
     finally:
         model.train(was_training)
     y = y.clone()  # a normal tensor: callers may modify it in place or use it with autograd
@@ -286,7 +341,9 @@ def _scene_pairs(scene: str, directory: Path, prefix: str, blur_dir: str, sharp_
 
 @dataclasses.dataclass
 class EvalResult:
-    """Means over images (not over scenes), per-scene means and one row per image."""
+    """Means over images (not over scenes), per-scene means and one row per image, with the
+    settings that produced them (ensemble None/"rot4"/"d8", precision, device) and the restoration
+    time per image (model forwards, ensemble and padding; data loading and scoring excluded)."""
 
     psnr: float
     ssim: float
@@ -295,30 +352,44 @@ class EvalResult:
     count: int
     per_scene: dict[str, dict[str, float]]
     rows: list[dict[str, Any]]
+    ensemble: str | None = None
+    precision: str = "fp32"
+    device: str = "cpu"
+    seconds_per_image: float = 0.0
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]]) -> EvalResult:
+    def from_rows(cls, rows: list[dict[str, Any]], **settings: Any) -> EvalResult:
         scenes: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             scenes.setdefault(row["scene"], []).append(row)
         per_scene = {scene: {**_means(rs), "count": len(rs)} for scene, rs in scenes.items()}
-        return cls(**_means(rows), count=len(rows), per_scene=per_scene, rows=rows)
+        return cls(**_means(rows), count=len(rows), per_scene=per_scene, rows=rows, **settings)
+
+    def settings(self) -> dict[str, Any]:
+        """How the numbers were made: ensemble ("none"/"rot4"/"d8"), precision, device, s/image."""
+        return {"ensemble": self.ensemble or "none", "precision": self.precision, "device": self.device,
+                "seconds_per_image": self.seconds_per_image}
 
     def to_dict(self) -> dict[str, Any]:
-        """Summary and per-scene means (the per-image rows go to `write_csv`)."""
-        return {**{m: getattr(self, m) for m in METRICS}, "count": self.count, "per_scene": self.per_scene}
+        """Summary, settings and per-scene means (the per-image rows go to `write_csv`)."""
+        return {**{m: getattr(self, m) for m in METRICS}, "count": self.count, **self.settings(),
+                "per_scene": self.per_scene}
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         path = Path(path)
+        tags = {"ensemble": self.ensemble or "none", "precision": self.precision}
         with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["key", "scene", *METRICS])
+            writer = csv.DictWriter(fh, fieldnames=["key", "scene", *METRICS, *tags])
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows({**row, **tags} for row in self.rows)
         return path
 
     def format(self) -> str:
-        """A small text table: overall, then each scene."""
-        lines = [f"{'':<24} {'count':>6} {'PSNR':>8} {'SSIM':>7} {'blur PSNR':>10} {'blur SSIM':>10}"]
+        """A small text table: overall, then each scene, under a line naming the settings."""
+        s = self.settings()
+        lines = [f"ensemble {s['ensemble']}, {self.precision} on {self.device}, "
+                 f"{self.seconds_per_image:.3f} s/image (RGB, data range 1, full frame)",
+                 f"{'':<24} {'count':>6} {'PSNR':>8} {'SSIM':>7} {'blur PSNR':>10} {'blur SSIM':>10}"]
         entries = [("all", self.to_dict())] + sorted(self.per_scene.items())
         for name, m in entries:
             lines.append(
@@ -336,37 +407,65 @@ def evaluate(
     model: nn.Module,
     pairs: Iterable[Pair | Callable[[], Pair]],
     *,
-    ensemble: bool = False,
+    ensemble: bool | str | None = False,
     precision: str = "fp32",
     tile: int | None = None,
     overlap: int = 32,
+    batch: int = 1,
     progress: bool = False,
 ) -> EvalResult:
     """Deblur every pair's blurred frame (full frame, clamped) and score it and the blurred
-    frame against the sharp one. `pairs` holds `Pair`s or zero-argument loaders returning one."""
+    frame against the sharp one, on the model's device. `pairs` holds `Pair`s or zero-argument
+    loaders returning one; up to `batch` consecutive frames of one size share a forward."""
     from tqdm import tqdm
 
-    rows = []
-    for item in tqdm(pairs, desc="eval", unit="img", disable=not progress):
-        pair = item() if callable(item) else item
-        blur, sharp = _check_pair(pair)
-        restored = deblur(
-            model, blur[None], tile=tile, overlap=overlap, ensemble=ensemble, precision=precision
-        )
-        restored, blur, sharp = restored.cpu(), blur[None], sharp[None]
-        rows.append(
-            {
-                "key": pair.key,
-                "scene": pair.scene,
-                "psnr": float(psnr(restored, sharp)[0]),
-                "ssim": float(ssim(restored, sharp)[0]),
-                "blurred_psnr": float(psnr(blur, sharp)[0]),
-                "blurred_ssim": float(ssim(blur, sharp)[0]),
-            }
-        )
+    if batch < 1:
+        raise HarnessError(f"evaluate: batch: expected a positive number, got {batch}")
+    mode, device = ensemble_mode(ensemble), _device_of(model)
+    loaded = (item() if callable(item) else item for item in tqdm(pairs, desc="eval", unit="img",
+                                                                  disable=not progress))
+    rows: list[dict[str, Any]] = []
+    seconds = 0.0
+    for group in _same_size_groups(loaded, batch):
+        checked = [_check_pair(pair) for pair in group]
+        # Pinned host memory lets the copies overlap with the previous group's work on CUDA.
+        blur, sharp = (_to_device(torch.stack(ts), device) for ts in zip(*checked))
+        t0 = time.perf_counter()
+        restored = deblur(model, blur, tile=tile, overlap=overlap, ensemble=mode, precision=precision)
+        _synchronize(device)
+        seconds += time.perf_counter() - t0
+        # Scored where the images are (float64, as harness.metrics does); one host sync per group.
+        scores = torch.stack([psnr(restored, sharp), ssim(restored, sharp), psnr(blur, sharp), ssim(blur, sharp)])
+        for pair, values in zip(group, scores.T.tolist()):
+            rows.append({"key": pair.key, "scene": pair.scene, **dict(zip(METRICS, values))})
     if not rows:
         raise HarnessError("evaluate: no image pairs to evaluate")
-    return EvalResult.from_rows(rows)
+    return EvalResult.from_rows(rows, ensemble=mode, precision=precision, device=str(device),
+                                seconds_per_image=seconds / len(rows))
+
+
+def _same_size_groups(pairs: Iterable[Pair], size: int):
+    """Consecutive pairs in groups of at most `size` whose frames share one shape."""
+    group: list[Pair] = []
+    for pair in pairs:
+        if group and (len(group) == size or pair.blur.shape != group[0].blur.shape):
+            yield group
+            group = []
+        group.append(pair)
+    if group:
+        yield group
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall time measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _check_pair(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,8 @@
 Input: a DataFrame with one column `image` of encoded 8-bit RGB images (PNG/JPEG/... bytes, or
 base64 text as JSON clients send it). Output: a DataFrame with column `image` of deblurred PNG
 bytes, pixel-identical to `mimo deblur` with the same weights (same decode, `harness.infer.deblur`
-with its /4 padding, same 8-bit rounding). Runs on the GPU when there is one.
+with its /4 padding, same 8-bit rounding). Runs on the GPU when there is one, or on the device
+named by the model config: `mlflow.pyfunc.load_model(uri, model_config={"device": "cuda:0"})`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import io
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from harness.errors import HarnessError
 from harness.io import to_uint8
+
+try:
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # the serving code itself runs without MLflow (e.g. a GPU check machine)
+    PythonModel = object
 
 IMAGE_COLUMN = "image"
 WEIGHTS_ARTIFACT = "weights"
@@ -54,15 +59,15 @@ def decode_image(data: bytes | str, row: int = 0):
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
-class DeblurModel(mlflow.pyfunc.PythonModel):
+class DeblurModel(PythonModel):
     """Pyfunc model: encoded blurred images in, deblurred PNG bytes out."""
 
     def load_context(self, context) -> None:
-        import torch
-
+        from harness.infer import resolve_device
         from harness.models import model_from_checkpoint
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        config = getattr(context, "model_config", None) or {}
+        self.device = resolve_device(config.get("device"), "model_config device")
         self.model = model_from_checkpoint(context.artifacts[WEIGHTS_ARTIFACT]).to(self.device).eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
@@ -75,7 +80,7 @@ class DeblurModel(mlflow.pyfunc.PythonModel):
         out = []
         with torch.inference_mode():
             for row, data in enumerate(images):
-                x = decode_image(data, row).unsqueeze(0).to(self.device)
+                x = decode_image(data, row).unsqueeze(0).to(self.device, non_blocking=True)
                 out.append(encode_png(deblur(self.model, x)[0].cpu()))
         return pd.DataFrame({IMAGE_COLUMN: out})
 
@@ -125,6 +130,8 @@ def pip_requirements() -> list[str]:
 
 def log_deblur_model(weights_path: str | Path, *, name: str = "model", metadata: dict | None = None):
     """Log the pyfunc into the active MLflow run -> `ModelInfo` (its `model_uri` is `models:/m-...`)."""
+    import mlflow.pyfunc
+
     signature, example = signature_and_example()
     return mlflow.pyfunc.log_model(
         name=name,

@@ -32,7 +32,10 @@ class ModelCfg(_Section):
 
 class DataCfg(_Section):
     train: str
+    # Selection (best checkpoint, ASHA, the tune metric) reads `val` only; `test` is scored at the
+    # end of training (and every eval.test_every steps if set) and reported, never used to choose.
     val: str | None = None
+    test: str | None = None
     crop: int = Field(256, gt=0, multiple_of=4)
     crops_per_image: int = Field(1, ge=1)
     workers: int = Field(2, ge=0)
@@ -96,7 +99,12 @@ class TrainCfg(_Section):
 class EvalCfg(_Section):
     every: int = Field(1000, ge=1)
     max_images: int | None = Field(None, ge=1)
-    ensemble: bool = False
+    # true = "rot4" (MIMO-UNet++ as published: 4 rotations averaged); "d8" = 8 flips x rotations.
+    ensemble: bool | Literal["rot4", "d8"] = False
+    # The paper scores in fp32 whatever the training precision; bf16 is faster and labelled as such.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    batch: int = Field(1, ge=1)  # equal-size frames per validation forward
+    test_every: int | None = Field(None, ge=1)  # also score data.test every N steps (None: at the end only)
     images: int = Field(2, ge=0)  # triptychs sent to tracking at image-logging validations
 
 
@@ -205,6 +213,37 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
+# Fields a resumed run may change (prefixes end with "."): its length, how often it evaluates,
+# checkpoints and logs, and how it runs (workers, threads, compile, tracking). Everything else
+# (model, loss, optimizer, schedule shape, data, crop, batch, precision, seed, deepspeed...)
+# defines what the weights are trained on or with, and refuses a resume.
+RESUME_MAY_CHANGE = (
+    "name", "train.steps", "train.epochs", "train.micro_batch", "train.log_every", "train.threads",
+    "train.max_nonfinite", "train.compile", "eval.every", "eval.images", "eval.test_every",
+    # how numbers are scored and reported, not what the weights are trained on
+    "eval.precision", "eval.ensemble", "eval.batch", "data.test",
+    "checkpoint.", "data.workers", "tracking.",
+)
+
+
+def recipe_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed) changes from recipe dict `old` to `new`, each as `field: old -> new`."""
+    refused, allowed = [], []
+    for key, before, after in _differences(old, new):
+        mutable = any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_MAY_CHANGE)
+        (allowed if mutable else refused).append(f"{key}: {before!r} -> {after!r}")
+    return refused, allowed
+
+
+def _differences(old, new, prefix: str = ""):
+    """(dotted key, old, new) for every leaf that differs; sections are compared key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new and (old, new) not in ((None, {}), ({}, None)):
+        yield prefix.rstrip("."), old, new
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
 
@@ -212,8 +251,11 @@ def _first_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- data paths
 
 
+DATA_FIELDS = ("train", "val", "test")
+
+
 def _resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
-    for field in ("train", "val"):
+    for field in DATA_FIELDS:
         value = getattr(recipe.data, field)
         if value is None or is_url(value) or Path(value).is_absolute():
             continue
@@ -234,8 +276,8 @@ def _expand(source: str) -> list[str]:
 
 
 def check_data(recipe: Recipe) -> None:
-    """One-line error when a train/val shard directory, manifest or shard file is missing."""
-    for field in ("train", "val"):
+    """One-line error when a train/val/test shard directory, manifest or shard file is missing."""
+    for field in DATA_FIELDS:
         value = getattr(recipe.data, field)
         if value is None or is_url(value):
             continue

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 OFFLINE_FILE = "mlflow-offline.jsonl"
 PENDING_DIR = "mlflow-pending"  # images/weights of records not sent yet
 CHAMPION = "champion"
-PSNR_TAG = "val_psnr"
+PSNR_TAG = "val_psnr"  # the registry's PSNR tag of a run without a test set
+TEST_PSNR_TAG = "test_psnr"  # the final test PSNR: what the champion rule compares when present
+BLURRED_TAG = "blurred_psnr"  # the same set's blurred-input PSNR: no champion below it
 MAX_PENDING = 10_000  # queued records kept in memory; older ones spill to the offline file
 RETRY_SECONDS = 30.0  # how often an unreachable server is tried again
 # Short HTTP timeouts/retries: MLflow's defaults (120 s, 7 retries with backoff) would stall
@@ -262,7 +264,8 @@ class Tracker:
     def log_triptychs(self, items: Iterable[tuple], step: int) -> None: ...
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
 
-    def log_model(self, weights_path: str | os.PathLike, val_psnr: float) -> int | None:
+    def log_model(self, weights_path: str | os.PathLike, val_psnr: float, *, blurred_psnr: float | None = None,
+                  metric: str = PSNR_TAG) -> int | None:
         return None
 
     def persist(self) -> None: ...
@@ -287,6 +290,7 @@ class MlflowTracker(Tracker):
         resume_run_id: str | None = None,
         retry_seconds: float = RETRY_SECONDS,
         log_environment: bool = True,
+        catch_up: bool = True,
     ):
 
         self.cfg = cfg
@@ -306,6 +310,10 @@ class MlflowTracker(Tracker):
         self._params: dict[str, str] = {}  # params the run already has (they cannot change)
         self._status_before: str | None = None  # a resumed run's status before we resumed it
         self._monitor = None
+        # Records spilled to the offline file (by this tracker or an earlier launch of the run) are
+        # sent, oldest first, before the queue once the server answers (`replay` reads it itself).
+        self._catch_up = catch_up and (self.run_dir / OFFLINE_FILE).is_file()
+        self._catch_up_enabled = catch_up
         if log_environment:
             self._queue.append({"kind": "params", "params": environment_params()})
         self._flush(force=True)
@@ -344,13 +352,17 @@ class MlflowTracker(Tracker):
         self._submit({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     @_never_raises
-    def log_model(self, weights_path: str | os.PathLike, val_psnr: float) -> int | None:
+    def log_model(self, weights_path: str | os.PathLike, val_psnr: float, *, blurred_psnr: float | None = None,
+                  metric: str = PSNR_TAG) -> int | None:
         """Log the pyfunc model, register it and maybe make it champion -> version (None when
-        not registered, or queued because the server is unreachable)."""
+        not registered, or queued because the server is unreachable). `val_psnr` is the PSNR that
+        `metric` names (the trainer passes the final test PSNR as "test_psnr"); `blurred_psnr`
+        is the blurred input's on the same set (`maybe_promote`)."""
         # A copy: the trainer may overwrite `best.pt` before a queued record is sent.
         copy = self._pending_path(Path(weights_path).stem, Path(weights_path).suffix)
         shutil.copy2(weights_path, copy)
-        op = self._submit({"kind": "model", "weights": str(copy), "val_psnr": float(val_psnr)})
+        op = self._submit({"kind": "model", "weights": str(copy), "val_psnr": float(val_psnr), "metric": metric,
+                           "blurred_psnr": None if blurred_psnr is None else float(blurred_psnr)})
         return op.get("version")
 
     @_never_raises
@@ -402,16 +414,11 @@ class MlflowTracker(Tracker):
         try:
             if not self._started:
                 self._start_run()
+            if self._catch_up:
+                self._send_offline_file()
             while self._queue:
                 op = self._queue[0]
-                try:
-                    self._send(op)
-                except Exception as exc:  # noqa: BLE001
-                    if _is_outage(exc):
-                        raise
-                    log.warning(
-                        "tracking: MLflow refused a %s record, dropped it: %s", op["kind"], _short(exc)
-                    )
+                self._send_or_drop(op)
                 self._queue.popleft()
                 self._done(op)
         except Exception as exc:  # noqa: BLE001 - an outage: keep the queue, try again later
@@ -422,6 +429,50 @@ class MlflowTracker(Tracker):
                 "tracking: MLflow server %s is reachable again; queued records sent", redact(self.uri)
             )
         self._online = True
+
+    def _send_or_drop(self, op: dict) -> None:
+        """Send one record; a record the server refuses is dropped, an outage raises."""
+        try:
+            self._send(op)
+        except Exception as exc:  # noqa: BLE001
+            if _is_outage(exc):
+                raise
+            log.warning("tracking: MLflow refused a %s record, dropped it: %s", op["kind"], _short(exc))
+
+    def _send_offline_file(self) -> None:
+        """Send what the offline file holds for this run, in order; what an outage leaves unsent
+        stays in the file (rewritten), the file goes once everything is sent."""
+        path = self.run_dir / OFFLINE_FILE
+        if not path.is_file():
+            self._catch_up = False
+            return
+        try:
+            header, ops = _read_offline(path)
+        except HarnessError as exc:  # unreadable: left for a person (`replay` names the line)
+            log.warning("tracking: not sending %s by itself: %s", path, exc)
+            self._catch_up = False
+            return
+        if header.get("run_id") not in (None, self.run_id):
+            log.warning("tracking: %s holds records of run %s, not %s: left for `mimo tracking replay`",
+                        path, header.get("run_id"), self.run_id)
+            self._catch_up = False
+            return
+        ops = [op for op in ops if op["kind"] != "end"]  # an earlier launch's end: this run goes on
+        sent = 0
+        try:
+            for op in ops:
+                self._send_or_drop(op)
+                self._done(op)
+                sent += 1
+        finally:
+            if sent < len(ops):
+                lines = [json.dumps({**header, "run_id": self.run_id}), *(json.dumps(op) for op in ops[sent:])]
+                with atomic_write(path) as tmp:
+                    tmp.write_text("\n".join(lines) + "\n")
+        path.unlink()
+        self._catch_up = False
+        self._spilled = 0
+        log.warning("tracking: sent the %d record(s) kept in %s during the outage", len(ops), path)
 
     def _went_offline(self, exc: BaseException) -> None:
         self._online = False
@@ -473,6 +524,7 @@ class MlflowTracker(Tracker):
         with atomic_write(path) as tmp:
             tmp.write_text(redact(old + lines))
         self._spilled += len(ops)
+        self._catch_up = self._catch_up_enabled
 
     # -- the MLflow run ----------------------------------------------------------------
 
@@ -562,7 +614,8 @@ class MlflowTracker(Tracker):
         elif kind == "artifact":
             self._send_artifact(Path(op["path"]), op.get("artifact_path"))
         elif kind == "model":
-            op["version"] = self._send_model(Path(op["weights"]), op["val_psnr"])
+            op["version"] = self._send_model(Path(op["weights"]), op["val_psnr"], op.get("metric", PSNR_TAG),
+                                             op.get("blurred_psnr"))
         elif kind == "end":
             self._end_run(op["status"])
             self._started = False
@@ -603,7 +656,8 @@ class MlflowTracker(Tracker):
         with _redacted_copy(path) as upload:
             self.client.log_artifact(self.run_id, str(upload), artifact_path)
 
-    def _send_model(self, weights: Path, val_psnr: float) -> int | None:
+    def _send_model(self, weights: Path, val_psnr: float, metric: str = PSNR_TAG,
+                    blurred_psnr: float | None = None) -> int | None:
         import mlflow
 
         from harness.models import read_checkpoint
@@ -613,19 +667,24 @@ class MlflowTracker(Tracker):
         metadata = {
             "model_name": ckpt["model_name"],
             "model_overrides": ckpt["model_overrides"],
-            PSNR_TAG: val_psnr,
+            metric: val_psnr,
+            BLURRED_TAG: blurred_psnr,
         }
         info = log_deblur_model(weights, metadata=metadata)
         name = getattr(self.cfg, "registered_model", None)
         if not name:
             return None
-        tags = {PSNR_TAG: repr(float(val_psnr)), "mimo.run_id": self.run_id}
+        tags = {metric: repr(float(val_psnr)), "mimo.run_id": self.run_id}
+        if blurred_psnr is not None:
+            tags[BLURRED_TAG] = repr(float(blurred_psnr))
         version = mlflow.register_model(info.model_uri, name, tags=tags)
-        promoted = maybe_promote(self.client, name, version.version, val_psnr)
+        promoted = maybe_promote(self.client, name, version.version, val_psnr, metric=metric,
+                                 blurred_psnr=blurred_psnr)
         log.info(
-            "tracking: registered %s version %s (val PSNR %.3f dB)%s",
+            "tracking: registered %s version %s (%s %.3f dB)%s",
             name,
             version.version,
+            metric,
             val_psnr,
             f", now @{CHAMPION}" if promoted else "",
         )
@@ -689,20 +748,28 @@ def _redacted_copy(path: Path):
 # ---------------------------------------------------------------------------- registry
 
 
-def _psnr_of(version) -> float:
+def _psnr_of(version, metric: str = PSNR_TAG) -> float:
     try:
-        return float(version.tags.get(PSNR_TAG, "nan"))
+        return float(version.tags.get(metric, "nan"))
     except (TypeError, ValueError):
         return math.nan
 
 
-def maybe_promote(client, name: str, version: int | str, val_psnr: float) -> bool:
-    """Give `version` the champion alias when it beats the current champion's PSNR or there is none.
+def maybe_promote(client, name: str, version: int | str, val_psnr: float, *, metric: str = PSNR_TAG,
+                  blurred_psnr: float | None = None) -> bool:
+    """Give `version` the champion alias when its PSNR (the `metric` tag: "test_psnr", the final
+    test score, or "val_psnr" for runs without a test set) beats the current champion's, or there
+    is none; never when it does not beat `blurred_psnr`, the blurred input's on the same set
+    (a model that makes images worse is no champion; warns naming both numbers).
 
     Not atomic across processes: two runs finishing at the same moment may both read the old
     champion; the later writer wins (Tune trials end at different times in practice)."""
+    if blurred_psnr is not None and not val_psnr > blurred_psnr:
+        log.warning("tracking: %s version %s not made @%s: its %s %.3f dB is below the blurred input's %.3f dB",
+                    name, version, CHAMPION, metric, val_psnr, blurred_psnr)
+        return False
     current = champion_version(client, name)
-    best = _psnr_of(current) if current is not None else -math.inf
+    best = _psnr_of(current, metric) if current is not None else -math.inf
     if current is not None and str(current.version) == str(version):
         return False
     if math.isnan(best) or val_psnr > best:
@@ -765,6 +832,7 @@ def registry_rows(name: str, tracking_uri: str | None = None) -> list[dict[str, 
             "version": int(v.version),
             "aliases": sorted(a for a, ver in aliases.items() if str(ver) == str(v.version)),
             PSNR_TAG: _psnr_of(v),
+            TEST_PSNR_TAG: _psnr_of(v, TEST_PSNR_TAG),
             "run_id": v.run_id,
             "created": v.creation_timestamp,
         }
@@ -883,7 +951,8 @@ def replay(path: str | os.PathLike, tracking_uri: str | None = None) -> str:
         registered_model=header.get("registered_model"),
         system_metrics=False,
     )
-    tracker = MlflowTracker(cfg, file.parent, resume_run_id=header.get("run_id"), log_environment=False)
+    tracker = MlflowTracker(cfg, file.parent, resume_run_id=header.get("run_id"), log_environment=False,
+                            catch_up=False)
     if not tracker._online:
         raise HarnessError(f"{redact(tracker.uri)}: MLflow server unreachable; nothing replayed from {file}")
     if not any(op["kind"] == "end" for op in ops):

@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 from harness import checkpoint, distributed  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.io import atomic_write  # noqa: E402
+from harness.lock import RunLock  # noqa: E402
 from harness.recipe import (  # noqa: E402
     Recipe,
     batch_split,
@@ -40,6 +41,8 @@ from harness.recipe import (  # noqa: E402
     dump_recipe,
     load_recipe,
     lr_factor_fn,
+    recipe_changes,
+    recipe_from_dict,
     total_steps,
 )
 
@@ -85,7 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if summary.get("stopped"):
         print(f"train: stopped by signal at step {summary['final_step']}, checkpoint saved", file=sys.stderr)
+    _say_unsent(Path(summary["run_dir"]))
     return 0
+
+
+def _say_unsent(run_dir: Path) -> None:
+    """The last line, when tracking records are still unsent (the server never came back)."""
+    from harness.tracking import OFFLINE_FILE
+
+    if os.environ.get("RANK", "0") == "0" and (run_dir / OFFLINE_FILE).is_file():
+        print(f"train: tracking records not sent yet are in {run_dir / OFFLINE_FILE}; send them with "
+              f"`mimo tracking replay {run_dir}`", file=sys.stderr, flush=True)
 
 
 def describe(recipe: Recipe, world_size: int) -> str:
@@ -148,13 +161,47 @@ class Run:
         self.state = State()
         self.stop_requested = False  # the loop stopped early (signal): checkpointed, not finished
         self.stop_requested_by_signal = False  # set by the SIGTERM/SIGUSR1 handler
-        self._resume_tag = _find_resume(self.ckpt_dir, resume)
-        self._write_run_files()
+        # Rank 0 locks the run dir for the run's life; then it picks and checks the checkpoint
+        # and compares recipes -- all before anything in the run dir is written.
+        self.lock = _on_main(self.world, lambda: RunLock(self.run_dir).acquire(), share=False)
+        try:
+            self._resume_tag = _on_main(self.world, lambda: self._accept_resume(resume))
+            self._protect = self._resume_tag  # pruning keeps it until a newer tag is complete
+            self._write_run_files()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _accept_resume(self, resume: str) -> str | None:
+        """Rank 0: the verified tag to resume from, once the recipe may resume it; sets newer tags
+        aside. Prints one line per fallback, set-aside tag and accepted recipe change."""
+        tag, lines = _find_resume(self.ckpt_dir, resume)
+        changed = []
+        if tag is not None:
+            old, where = checkpoint.tag_recipe(self.run_dir, tag)
+            refused, changed = recipe_changes(_normalized(old, where), self.recipe.model_dump(mode="json"))
+            if refused:
+                raise HarnessError(f"{self.recipe.source}: cannot resume {tag} with a changed recipe: "
+                                   f"{'; '.join(refused)} (the checkpoint was trained with the old values; "
+                                   "train the new ones in another --run-dir)")
+            lines += checkpoint.set_aside_newer(self.ckpt_dir, tag)
+        if changed:
+            lines.append(f"resuming {tag} with recipe changes: {'; '.join(changed)}")
+            self.log_event("recipe_changed", tag=tag, changes=changed)
+        for line in lines:
+            print(f"train: {line}", file=sys.stderr, flush=True)
+        return tag
 
     # -- setup -------------------------------------------------------------------------
 
     def _write_run_files(self) -> None:
-        if self.world.is_main:
+        if self.world.is_main:  # after _accept_resume: recipe.yaml changes only with an accepted resume
             with atomic_write(self.run_dir / "recipe.yaml") as tmp:
                 tmp.write_text(dump_recipe(self.recipe))
             with atomic_write(self.run_dir / "ds_config.json") as tmp:
@@ -183,7 +230,6 @@ class Run:
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest conv algorithms once
         self.ema = EMA(model, r.train.ema_decay) if r.train.ema_decay else None
-        self.eval_model = create_model(r.model.name, **{**r.model.overrides}).eval()
         optim_cls = torch.optim.AdamW if r.optim.name == "adamw" else torch.optim.Adam
         optimizer = optim_cls(model.parameters(), lr=r.optim.lr, betas=r.optim.betas, eps=r.optim.eps,
                               weight_decay=r.optim.weight_decay, foreach=r.optim.impl == "foreach",
@@ -194,6 +240,11 @@ class Run:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         if r.train.compile:
             self.engine.compile()  # in place: state_dict keys (checkpoints, EMA, export) stay unprefixed
+        # fp32 copy that validation and test scoring load the weights into, on the training device
+        # (a CPU copy would score 1280x720 frames on the host during GPU training).
+        self.eval_model = create_model(r.model.name, **r.model.overrides).to(self.engine.device).eval()
+        if self.ema is not None:
+            self.ema.model.to(self.engine.device)  # updated from the engine's weights every step
         loader_state = self._restore(load_tag) if load_tag else None
         self.loader = self._make_loader(loader_state)
 
@@ -207,16 +258,19 @@ class Run:
             distributed.seed_everything(self.recipe.train.seed + self.state.step, self.world.rank)
         if self.ema is not None:
             checkpoint.load_ema(self.ema.model, self.ckpt_dir / tag)
-        self.log_event("resumed", tag=tag, world_size=self.world.size, saved_world_size=client["world_size"])
+        self.log_event("resumed", tag=tag, world_size=self.world.size, saved_world_size=client["world_size"],
+                       loss_scale=_loss_scale(self.engine))
         return entry["loader"]
 
     def _make_loader(self, state: dict | None):
         from harness.data.stream import train_loader
 
         d = self.recipe.data
+        # The data order depends on the global batch only (not on world size, micro batch, workers),
+        # so a run at any world size, and an elastic resume, sees the same batches.
         loader = train_loader(d.train, crop=d.crop, crops_per_image=d.crops_per_image, batch_size=self.micro,
                               seed=self.recipe.train.seed, rank=self.world.rank, world_size=self.world.size,
-                              workers=d.workers, augment=d.augment)
+                              workers=d.workers, augment=d.augment, global_batch=self.recipe.train.global_batch)
         if state is not None:
             loader.load_state_dict(state)
         return loader
@@ -233,7 +287,12 @@ class Run:
         for name in ("recipe.yaml", "ds_config.json"):
             self.tracker.log_artifact(self.run_dir / name)
         # Which shards the run saw: tags with the sha256 of each manifest.json.
-        self.tracker.set_tags(dataset_tags(train=self.recipe.data.train, val=self.recipe.data.val))
+        self.tracker.set_tags(dataset_tags(train=self.recipe.data.train, val=self.recipe.data.val,
+                                           test=self.recipe.data.test))
+        # How validation/test numbers are made (their metrics carry val_/test_seconds_per_image).
+        e = self.recipe.eval
+        self.tracker.set_tags({"mimo.eval.device": str(next(self.eval_model.parameters()).device),
+                               "mimo.eval.precision": e.precision, "mimo.eval.ensemble": _ensemble_name(self.recipe)})
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -243,8 +302,8 @@ class Run:
         r = self.recipe
         _install_stop_handlers(self)
         batches = iter(self.loader)
-        bar = tqdm(total=self.total, initial=self.state.step, unit="step", mininterval=2.0,
-                   disable=not self.world.is_main, dynamic_ncols=True)
+        self.bar = bar = tqdm(total=self.total, initial=self.state.step, unit="step", mininterval=2.0,
+                              disable=not self.world.is_main, dynamic_ncols=True)
         nonfinite_streak, t_start, steps_here = 0, time.perf_counter(), 0
         t_log, step_log, wait_log = t_start, self.state.step, 0.0
         self.engine.train()
@@ -268,15 +327,18 @@ class Run:
                 nonfinite_streak += 1
                 self.log_event("skipped_step", step=self.state.step, streak=nonfinite_streak)
                 if nonfinite_streak >= r.train.max_nonfinite:
-                    self.save(best=False)
-                    raise HarnessError(f"{r.source}: non-finite loss or gradients for {nonfinite_streak} steps in "
-                                       f"a row (train.max_nonfinite); lower optim.lr or enable train.grad_clip")
+                    # "Right after": the first step after a resume may still be finite when only the
+                    # optimizer state is bad (its update is what makes the weights non-finite).
+                    self.abort_nonfinite(nonfinite_streak, right_after_resume=steps_here - nonfinite_streak <= 1)
             if log:  # mean step time since the last log (GPU work is async: per-step wall time is not)
                 now = time.perf_counter()
                 n = self.state.step - step_log
                 self.log_step(loss, parts, lr, (now - t_log) / n, wait_log / n, bar)
                 t_log, step_log, wait_log = now, self.state.step, 0.0
             bar.update(1)
+            if r.data.test and r.eval.test_every and self.state.step % r.eval.test_every == 0 \
+                    and self.state.step < self.total:  # the final test score comes from finish()
+                self.test()
             validate = (self.state.step % r.eval.every == 0 or self.state.step == self.total) and r.data.val
             if validate:
                 self.validate_and_save()
@@ -288,6 +350,18 @@ class Run:
         bar.close()
         elapsed = time.perf_counter() - t_start
         return {"images_per_sec": steps_here * r.train.global_batch / max(elapsed, 1e-9)}
+
+    def abort_nonfinite(self, streak: int, right_after_resume: bool) -> None:
+        r = self.recipe
+        if right_after_resume and self._resume_tag:
+            # Not saved: the new tag would only copy a state that may be corrupt.
+            raise HarnessError(
+                f"{r.source}: non-finite loss or gradients for {streak} steps in a row right after resuming "
+                f"from {self.ckpt_dir / self._resume_tag}: that checkpoint may be bad (check it with `mimo "
+                f"checkpoints verify {self.run_dir}`; resume an earlier one with --resume {self.ckpt_dir}/stepN)")
+        self.save(best=False)  # kept for a look or a resume with a lower LR; prunes nothing (skipped step)
+        raise HarnessError(f"{r.source}: non-finite loss or gradients for {streak} steps in "
+                           f"a row (train.max_nonfinite); lower optim.lr or enable train.grad_clip")
 
     def one_step(self, batches):
         """Accumulate `accum` micro-batches and step; non-finite losses poison the step so that
@@ -353,7 +427,7 @@ class Run:
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "images_per_sec": self.recipe.train.global_batch / max(dt, 1e-9),
                   "data_wait": wait / max(dt, 1e-9), "peak_mem_mb": _peak_memory_mb(),
-                  "skipped": self.state.skipped}
+                  "skipped": self.state.skipped, "loss_scale": _loss_scale(self.engine)}
         self.log_event("train", **record)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", ips=f"{record['images_per_sec']:.1f}")
         if self.state.step % self.recipe.tracking.log_every == 0:
@@ -371,60 +445,106 @@ class Run:
     # -- validation and checkpoints ------------------------------------------------------
 
     def validate_and_save(self) -> dict:
-        metrics = self.validate()
+        metrics, settings = self.validate()
         improved = metrics["val_psnr"] > self.state.best_psnr
         if improved:
             self.state.best_psnr, self.state.best_step = metrics["val_psnr"], self.state.step
         # Recorded before the checkpoint, whose save persists the tracking queue: a run killed
         # right after it resumes past this validation and would never log it again.
-        self.log_event("validation", step=self.state.step, **metrics)
-        self.tracker.log_metrics(metrics, step=self.state.step)
+        self.log_event("validation", step=self.state.step, **metrics, **settings)
+        self.tracker.log_metrics({**metrics, "val_seconds_per_image": settings["seconds_per_image"]},
+                                 step=self.state.step)
         tag_dir = self.save(best=improved)
         if self.callbacks is not None and hasattr(self.callbacks, "on_validation"):
             self.callbacks.on_validation(self.state.step, dict(metrics), tag_dir)
         self.last_metrics = metrics
         return metrics
 
-    def validate(self) -> dict:
-        """Each rank scores its share of the eval shards; sums are all-reduced (every image once)."""
+    def validate(self) -> tuple[dict, dict]:
+        """Score data.val, the only set anything is chosen on (best, ASHA, the tune metric) ->
+        (val_psnr, val_ssim, blurred_psnr, val_images), (device, precision, ensemble, s/image)."""
+        r = self.recipe
+        keep = r.eval.images if self.world.is_main and self.state.validations % r.tracking.images_every == 0 else 0
+        scores, settings = self._score(r.data.val, max_images=r.eval.max_images, keep=keep)
+        self.state.validations += 1
+        return {"val_psnr": scores[0], "val_ssim": scores[1], "blurred_psnr": scores[2],
+                "val_images": int(scores[4])}, settings
+
+    def test(self) -> dict:
+        """Score data.test, in full: reported (log.jsonl `test` event, MLflow, summary.json), never
+        used to choose anything."""
+        scores, settings = self._score(self.recipe.data.test, max_images=None, keep=0)
+        metrics = {"test_psnr": scores[0], "test_ssim": scores[1], "test_blurred_psnr": scores[2],
+                   "test_blurred_ssim": scores[3], "test_images": int(scores[4])}
+        self.log_event("test", step=self.state.step, **metrics, **settings)
+        self.tracker.log_metrics({**metrics, "test_seconds_per_image": settings["seconds_per_image"]},
+                                 step=self.state.step)
+        self.test_metrics = {**metrics, **settings}
+        return self.test_metrics
+
+    def _score(self, source: str, *, max_images: int | None, keep: int) -> tuple[list[float], dict]:
+        """Each rank scores its share of `source` on the training device with the current (EMA)
+        weights in eval.precision; sums are all-reduced (every image once) -> (means of psnr, ssim,
+        blurred psnr, blurred ssim, then the count), settings. Triptychs of the first `keep` images."""
         import torch
 
         from harness.data.stream import eval_loader
         from harness.infer import deblur, evaluate
         from harness.metrics import psnr
 
-        r = self.recipe
-        source = self.ema.model if self.ema is not None else self.engine.module
-        self.eval_model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
-        pairs = eval_loader(r.data.val, rank=self.world.rank, world_size=self.world.size,
-                            max_images=r.eval.max_images)
-        keep = r.eval.images if self.world.is_main and self.state.validations % r.tracking.images_every == 0 else 0
+        e = self.recipe.eval
+        self.eval_model.load_state_dict(self._eval_weights())
+        pairs = eval_loader(source, rank=self.world.rank, world_size=self.world.size, max_images=max_images)
         kept: list = []
-        sums = [0.0, 0.0, 0.0, 0.0]
+        sums = [0.0] * 6
         if len(pairs):
-            res = evaluate(self.eval_model, _keep_first(pairs, keep, kept), ensemble=r.eval.ensemble,
-                           precision=r.train.precision)
-            sums = [res.psnr * res.count, res.ssim * res.count, res.blurred_psnr * res.count, float(res.count)]
-        psnr_sum, ssim_sum, blurred_sum, count = distributed.all_sum(sums)
-        self.state.validations += 1
+            res = evaluate(self.eval_model, _keep_first(pairs, keep, kept), ensemble=e.ensemble,
+                           precision=e.precision, batch=e.batch)
+            sums = [v * res.count for v in (res.psnr, res.ssim, res.blurred_psnr, res.blurred_ssim,
+                                            res.seconds_per_image)] + [float(res.count)]
+        *totals, count = distributed.all_sum(sums)
         if kept:
             with torch.no_grad():
                 items = []
                 for p in kept:
-                    restored = deblur(self.eval_model, p.blur[None], precision=r.train.precision)[0]
+                    restored = deblur(self.eval_model, p.blur[None], precision=e.precision)[0].cpu()
                     items.append((p.key, p.blur, restored, p.sharp, float(psnr(restored[None], p.sharp[None])[0])))
             self.tracker.log_triptychs(items, step=self.state.step)
         self.engine.train()
-        return {"val_psnr": psnr_sum / count, "val_ssim": ssim_sum / count, "blurred_psnr": blurred_sum / count,
-                "val_images": int(count)}
+        means = [t / count for t in totals[:4]]
+        settings = {"device": str(next(self.eval_model.parameters()).device), "precision": e.precision,
+                    "ensemble": _ensemble_name(self.recipe), "seconds_per_image": totals[4] / count}
+        return [*means, count], settings
+
+    def _eval_weights(self) -> dict:
+        """What validation and test scoring load: the EMA weights, or the fp32 weights export writes.
+        Under bf16/fp16 the module holds rounded copies: the optimizer's fp32 master weights are
+        gathered instead (collective), so the scores equal `mimo eval` of the exported weights."""
+        if self.ema is not None:
+            return self.ema.model.state_dict()
+        module = self.engine.module
+        weights = {k: v.float() for k, v in module.state_dict().items()}
+        if self.recipe.train.precision != "fp32":
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, param in module.named_parameters():
+                master = safe_get_full_fp32_param(param)
+                if master is not None:
+                    weights[name] = master
+        return weights
 
     def save(self, *, best: bool) -> Path:
         # The MLflow run may only have been created after start (server down then): keep its id.
         self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         shared = {"state": asdict(self.state), "recipe": self.recipe.model_dump(mode="json")}
+        prune = self.state.step == 0 or self.engine.was_step_applied()
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, shared=shared,
-                                  per_rank={"loader": self.loader.state_dict()}, keep=self.recipe.checkpoint.keep,
-                                  ema_model=self.ema.model if self.ema else None, best=best)
+                                  per_rank={"loader": self.loader.state_dict()},
+                                  # Mid-way through non-finite (skipped) steps, no older tag is deleted.
+                                  keep=self.recipe.checkpoint.keep if prune else None,
+                                  ema_model=self.ema.model if self.ema else None, best=best,
+                                  protect=self._protect)
+        self._protect = None  # the resumed tag is prunable once a newer one is complete
         self.tracker.persist()  # records queued during a tracking outage survive a kill from here on
         self.log_event("checkpoint", step=self.state.step, tag=tag_dir.name)
         return tag_dir
@@ -433,10 +553,16 @@ class Run:
 
     def finish(self, perf: dict) -> dict:
         """Export the final weights, write summary.json (rank 0) and close tracking."""
+        if self.recipe.data.test and not self.stop_requested:
+            self.test()  # collective: every rank scores its share
         metrics = getattr(self, "last_metrics", {})
+        test = getattr(self, "test_metrics", {})
         summary = {"final_step": self.state.step, "total_steps": self.total, "stopped": self.stop_requested,
                    "val_psnr": metrics.get("val_psnr"), "val_ssim": metrics.get("val_ssim"),
                    "blurred_psnr": metrics.get("blurred_psnr"),
+                   **{k: test.get(k) for k in ("test_psnr", "test_ssim", "test_blurred_psnr", "test_images")},
+                   "eval": {"precision": self.recipe.eval.precision, "ensemble": _ensemble_name(self.recipe),
+                            "device": str(self.engine.device)},
                    "best_psnr": self.state.best_psnr if self.state.best_step >= 0 else None,
                    "best_step": self.state.best_step if self.state.best_step >= 0 else None,
                    "skipped_steps": self.state.skipped, "world_size": self.world.size, **perf,
@@ -446,8 +572,7 @@ class Run:
             weights = checkpoint.export(self.run_dir, self.run_dir / WEIGHTS, ema=self.ema is not None)
             summary["checkpoint"] = str(weights)
             self.tracker.log_artifact(self.run_dir / LOG)
-            if summary["val_psnr"] is not None:
-                self.tracker.log_model(weights, summary["val_psnr"])
+            self._register(weights, summary)
         if self.world.is_main:
             with atomic_write(self.run_dir / SUMMARY) as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
@@ -455,20 +580,35 @@ class Run:
         distributed.barrier()
         return summary
 
+    def _register(self, weights: Path, summary: dict) -> None:
+        """Log the model. The registry compares the final test PSNR (the field's shared number) and
+        crowns no model below its blurred test input; a recipe without a test set registers its
+        last validation PSNR, as before."""
+        if summary["test_psnr"] is not None:
+            self.tracker.log_model(weights, summary["test_psnr"], blurred_psnr=summary["test_blurred_psnr"],
+                                   metric="test_psnr")
+        elif summary["val_psnr"] is not None:
+            self.tracker.log_model(weights, summary["val_psnr"])
+
 
 def run(recipe: Recipe, run_dir: str | os.PathLike | None, *, resume: str = "auto", callbacks=None) -> dict:
     """Train `recipe` into `run_dir` (collective: call on every rank); returns the summary dict."""
     job = Run(recipe, Path(run_dir) if run_dir else None, resume, callbacks)
-    job.build()
-    job.start_tracking()
     try:
-        perf = job.train()
-    except BaseException:
-        job.tracker.close("FAILED")
+        job.build()
+        job.start_tracking()
+        try:
+            perf = job.train()
+        except BaseException:
+            if getattr(job, "bar", None) is not None:
+                job.bar.close()  # ends the progress line: an error is a line of its own
+            job.tracker.close("FAILED")
+            job.loader.close()
+            raise
         job.loader.close()
-        raise
-    job.loader.close()
-    return job.finish(perf)
+        return job.finish(perf)
+    finally:
+        job.release()  # the run dir's lock (rank 0): held until the summary is written
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -495,17 +635,60 @@ def _agree_run_dir(run_dir: Path | None, recipe: Recipe, world) -> Path:
     return run_dir
 
 
-def _find_resume(ckpt_dir: Path, resume: str) -> str | None:
-    """The complete tag to resume from: newest (auto), none (never), or an explicit tag dir."""
+def _find_resume(ckpt_dir: Path, resume: str) -> tuple[str | None, list[str]]:
+    """(verified tag to resume from, lines to print): the newest that verifies (auto), none
+    (never: refused when the run dir has checkpoints, which it would save over), or an explicit
+    tag dir. Tags that fail verification are named, never loaded."""
+    run_dir = ckpt_dir.parent
     if resume == "never":
-        return None
-    if resume == "auto":
         tags = checkpoint.complete_tags(ckpt_dir)
-        return tags[-1] if tags else None
+        if tags:
+            raise HarnessError(f"--resume never: run dir {run_dir} already holds checkpoints (newest {tags[-1]}) "
+                               f"that a fresh run would save over; continue it with --resume auto, or start "
+                               f"fresh with another --run-dir (or delete {ckpt_dir})")
+        return None, []
+    if resume == "auto":
+        tag, failed = checkpoint.newest_verified(ckpt_dir)
+        if failed and tag is None:
+            bad, why = next(iter(failed.items()))
+            raise HarnessError(f"{ckpt_dir}: no checkpoint verifies ({len(failed)} fail; newest {bad}: {why}); "
+                               "see `mimo checkpoints verify " f"{run_dir}`")
+        return tag, [f"checkpoint {bad} fails verification ({why}); resuming from {tag}" for bad, why in failed.items()]
     path = Path(resume)
-    if path.resolve().parent != ckpt_dir.resolve() or not checkpoint.is_complete(path):
-        raise HarnessError(f"--resume {resume}: expected 'auto', 'never' or a complete checkpoint in {ckpt_dir}")
-    return path.name
+    problem = checkpoint.verify(path) if path.resolve().parent == ckpt_dir.resolve() else "not in this run dir"
+    if problem:
+        raise HarnessError(f"--resume {resume}: expected 'auto', 'never' or a checkpoint in {ckpt_dir} "
+                           f"that verifies ({problem})")
+    return path.name, []
+
+
+def _on_main(world, fn, *, share: bool = True):
+    """Collective: `fn()` on rank 0 only; every rank gets its result (None unless `share`) or
+    raises its HarnessError (so the other ranks exit with rank 0's one line, not hang)."""
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except HarnessError as exc:
+            error = str(exc)
+    shared, error = distributed.all_gather_object((result if share else None, error))[0]
+    if error:
+        raise HarnessError(error)
+    return result if world.is_main else shared
+
+
+def _normalized(raw: dict, where: str) -> dict:
+    """A stored recipe with the defaults of fields added since it was written (not differences)."""
+    try:
+        return recipe_from_dict(raw, where).model_dump(mode="json")
+    except HarnessError:
+        return raw
+
+
+def _ensemble_name(recipe: Recipe) -> str:
+    from harness.infer import ensemble_mode
+
+    return ensemble_mode(recipe.eval.ensemble) or "none"
 
 
 def _keep_first(pairs, n: int, kept: list):
@@ -514,6 +697,13 @@ def _keep_first(pairs, n: int, kept: list):
         if i < n:
             kept.append(pair)
         yield pair
+
+
+def _loss_scale(engine) -> float | None:
+    """fp16's dynamic loss scale (saved in and restored from checkpoints), None in bf16/fp32."""
+    if not engine.fp16_enabled():
+        return None
+    return float(engine.optimizer.cur_scale)  # ZeRO 1/2 and DeepSpeed's FP16 optimizers alike
 
 
 def _peak_memory_mb() -> float:

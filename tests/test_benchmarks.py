@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.fixtures.launch import private_torch_extensions
 
 
 def _run(script: str, out: Path, *extra: str, timeout: float = 600) -> tuple[dict, str]:
@@ -72,14 +74,16 @@ def test_scaling_quick_launches_one_and_two_ranks(tmp_path):
 def test_inference_quick_compares_deblur_modes_with_the_plain_forward(tmp_path):
     report, _ = _run("inference.py", tmp_path / "inf.json", "--models", "mimo-unet,mimo-unet-plus")
     latency = _values(report, "latency_ms")
-    variants = ["plain-fp32", "deblur-fp32", "deblur-bf16", "tiled-fp32", "ensemble-fp32", "ensemble-bf16"]
+    variants = ["plain-fp32", "deblur-fp32", "deblur-bf16", "tiled-fp32", "rot4-fp32", "rot4-bf16", "d8-fp32"]
     models = ["mimo-unet", "mimo-unet-plus"]
     assert set(latency) == {f"{m}/{v}" for m in models for v in variants} and all(v > 0 for v in latency.values())
     for m in models:  # each model against its own plain forward
         base = latency[f"{m}/plain-fp32"]
         assert report["speedup"][f"{m}/plain-fp32"] == 1.0
-        assert report["speedup"][f"{m}/ensemble-fp32"] == pytest.approx(base / latency[f"{m}/ensemble-fp32"],
-                                                                         rel=0.01)
+        assert report["speedup"][f"{m}/rot4-fp32"] == pytest.approx(base / latency[f"{m}/rot4-fp32"], rel=0.01)
+        # the published MIMO-UNet++ (rot4) against the 8-fold ensemble of the same model
+        assert _values(report, "speedup_vs_d8")[f"{m}/rot4-fp32"] == pytest.approx(
+            latency[f"{m}/d8-fp32"] / latency[f"{m}/rot4-fp32"], rel=0.01)
     gflop = _values(report, "forward_gflop")
     assert all(gflop[f"{m}/plain-fp32"] > 0 for m in models)
     assert report["config"]["height"] == 64 and report["config"]["width"] == 96
@@ -118,3 +122,58 @@ def test_projected_wall_time_is_the_plus_recipe_images_over_measured_images_per_
     assert tt.projected_hours(rows, "mimo-unet", crop, {}) == []
     assert tt.projected_hours(rows, model, 64, {}) == []
     assert tt.projected_hours(rows, model, crop, {"num_res": 1}) == []
+
+
+E2E_CHECKS = {"synth", "pack", "pack-val", "pack-test", "SIGKILL mid-run", "resume", "resumed", "validation on cpu",
+              "validation in fp32", "seconds per frame", "resume to the end", "export", "eval",
+              "mimo eval = trainer test PSNR", "deblur-ensemble", "deblur", "pyfunc on cpu"}
+
+
+@pytest.mark.slow
+def test_gpu_e2e_passes_on_cpu_quick(tmp_path):
+    """benchmarks/device/gpu-e2e.sh with DEVICE=cpu QUICK=1: the same steps as the GPU call (real
+    deepspeed launches, a SIGKILL, a resume, export, eval, deblur, the pyfunc), a tiny model."""
+    out = tmp_path / "out"
+    # It kills a launch on purpose: a torch extensions cache of its own (tests/fixtures/launch.py).
+    proc = _device_script("gpu-e2e.sh", out, tmp_path, TORCH_EXTENSIONS_DIR=str(private_torch_extensions("e2e")))
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and not [ln for ln in lines if ln.startswith("FAIL")], proc.stdout[-4000:]
+    passed = {ln[5:].split(":")[0].split(" (")[0] for ln in lines if ln.startswith("PASS ")}
+    assert E2E_CHECKS <= passed, E2E_CHECKS - passed
+    assert [ln for ln in lines if ln.startswith("SKIP ")] == [
+        "SKIP fp16 loss scaler resume: DeepSpeed's fp16 loss scaling needs CUDA (DEVICE=cpu)"]
+    summary = json.loads((out / "gpu-e2e-summary.json").read_text())
+    assert summary["final_step"] == 24 and summary["eval"]["device"] == "cpu" and summary["test_psnr"] > 0
+    assert "PASS resume" in (out / "gpu-e2e.log").read_text()
+
+
+def _device_script(name: str, out: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """benchmarks/device/<name> as the GPU call runs it, with DEVICE=cpu QUICK=1 (tiny settings)."""
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "SKIP_INSTALL": "1", "PY": sys.executable,
+           "OUT": str(out), "TMPDIR": str(tmp_path), **env}
+    return subprocess.run(["bash", f"benchmarks/device/{name}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_every_step_on_cpu_quick(tmp_path):
+    out = tmp_path / "out"
+    proc = _device_script("gpu-suite.sh", out, tmp_path)
+    log = (out / "gpu-suite.log").read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for step in ("train-b4", "train-compile", "train-batches", "inference"):
+        assert f"== {step}: exit 0 " in log, log[-3000:]
+    for name in ("train_throughput", "train_throughput-compile", "train_throughput-batches", "inference"):
+        report = json.loads((out / f"gpu-{name}.json").read_text())
+        assert report["config"]["quick"] is True and report["results"], name
+
+
+def test_e2e_check_prints_fail_and_exits_nonzero_on_a_psnr_mismatch(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps({"psnr": 30.0, "precision": "fp32", "device": "cpu"}))
+    (tmp_path / "summary.json").write_text(json.dumps({"test_psnr": 30.01}))
+    proc = subprocess.run([sys.executable, "benchmarks/device/e2e_check.py", "same-psnr", "--eval-json",
+                           str(tmp_path / "eval.json"), "--summary", str(tmp_path / "summary.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("FAIL mimo eval = trainer test PSNR: mimo eval 30.000000 dB on cpu vs trainer "
+                                  "30.010000 dB (|diff| 1.00e-02, limit 0.001)")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from harness.cli import main
-from harness.infer import folder_pairs
+from harness.infer import deblur, folder_pairs
 from harness.io import load_rgb_array, read_image, to_uint8
 from harness.metrics import psnr
 from harness.models import create_model, load_weights, save_weights
@@ -71,9 +71,17 @@ def test_deblur_odd_size_and_ensemble(tiny_weights, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 67, 3), dtype=np.uint8)).save(src)
     out = tmp_path / "res"
     out.mkdir()
-    assert main(["deblur", "--weights", str(weights), "--ensemble", str(src), str(out)]) == 0
+    # `--ensemble` alone is rot4 (MIMO-UNet++ as published); `--ensemble d8` the 8-fold variant
+    assert main(["deblur", "--weights", str(weights), str(src), str(out), "--ensemble"]) == 0
     with Image.open(out / "odd.png") as img:
         assert img.size == (67, 50)
+    model = load_weights(create_model("mimo-unet", num_res=1, base_channels=8), weights).eval()
+    x = read_image(src)[None]
+    assert np.array_equal(load_rgb_array(out / "odd.png"), to_uint8(deblur(model, x, ensemble="rot4")[0]))
+    d8 = tmp_path / "d8.png"
+    assert main(["deblur", "--weights", str(weights), "--ensemble", "d8", "--device", "cpu", str(src), str(d8)]) == 0
+    assert np.array_equal(load_rgb_array(d8), to_uint8(deblur(model, x, ensemble="d8")[0]))
+    assert not np.array_equal(load_rgb_array(d8), load_rgb_array(out / "odd.png"))
 
 
 def _bad_png(path):
@@ -160,6 +168,16 @@ def test_eval_folders_json_csv(tiny_weights, synth_gopro, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
     assert len(rows) == 4 and float(rows[0]["blurred_psnr"]) == pytest.approx(float(direct[0]), abs=1e-9)
     assert float(rows[0]["psnr"]) != float(rows[0]["blurred_psnr"])
+    # the protocol travels with the numbers
+    assert (summary["ensemble"], summary["precision"], summary["device"]) == ("none", "fp32", "cpu")
+    assert rows[0]["ensemble"] == "none" and "ensemble none, fp32 on cpu" in printed
+
+    rc = main(["eval", "--weights", str(weights), "--data", str(data), "--ensemble", "--batch", "2",
+               "--json", str(tmp_path / "rot4.json"), "--csv", str(tmp_path / "rot4.csv")])
+    assert rc == 0
+    rot4 = json.loads((tmp_path / "rot4.json").read_text())
+    assert rot4["ensemble"] == "rot4" and rot4["psnr"] != summary["psnr"]
+    assert {r["ensemble"] for r in csv.DictReader(open(tmp_path / "rot4.csv"))} == {"rot4"}
 
     assert (
         main(

@@ -14,12 +14,16 @@ from harness.errors import HarnessError
 from harness.infer import (
     EvalResult,
     Pair,
+    _forward,
     crop_to,
+    d8_ensemble,
     deblur,
+    ensemble_mode,
     evaluate,
     folder_pairs,
     pad_to_multiple,
-    self_ensemble,
+    resolve_device,
+    rot4_ensemble,
 )
 from harness.io import read_image
 from harness.metrics import psnr, ssim
@@ -91,11 +95,48 @@ def test_eval_mode_during_deblur_and_mode_restored():
     a.add_(1)  # an ordinary tensor, not an inference-mode one
 
 
-def test_self_ensemble_of_identity_returns_input():
+def test_self_ensembles_of_identity_return_input():
     x = torch.rand(2, 3, 20, 28)
-    assert torch.allclose(deblur(Passthrough(), x, ensemble=True), x, atol=1e-6)
+    for mode in (True, "rot4", "d8"):
+        assert torch.allclose(deblur(Passthrough(), x, ensemble=mode), x, atol=1e-6)
     y = torch.rand(1, 3, 9, 14)  # non-square, odd: rotations swap H and W
-    assert torch.allclose(self_ensemble(lambda t: t, y), y, atol=1e-6)
+    assert torch.allclose(d8_ensemble(lambda t: t, y), y, atol=1e-6)
+    assert torch.allclose(rot4_ensemble(lambda t: t, y), y, atol=1e-6)
+
+
+def test_rot4_is_the_mean_of_four_rotated_runs_in_two_batched_forwards():
+    torch.manual_seed(0)
+    model = create_model("mimo-unet", num_res=1, base_channels=8).eval()  # not rotation-equivariant
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(tuple(args[0].shape)))
+    x = torch.rand(2, 3, 18, 26)  # odd multiples of 2: every rotation is padded to /4 and cropped back
+    rot4 = deblur(model, x, ensemble=True)
+    # two forwards of 2 x batch: (0, 180 degrees) in the input's shape, (90, 270) in the transposed one
+    assert calls == [(4, 3, 20, 28), (4, 3, 28, 20)]
+    # the four rotated single runs (each padded to /4 and cropped back, unclamped), rotated back
+    with torch.inference_mode():
+        singles = [torch.rot90(_forward(model, torch.rot90(x, k, (-2, -1))), -k, (-2, -1)) for k in range(4)]
+    mean = sum(singles) / 4
+    assert float((rot4 - mean.clamp(0, 1)).abs().max()) < 1e-6  # deblur clamps the average once
+    # 8-fold: 8 forwards, a different average (flips are not in the published MIMO-UNet++)
+    calls.clear()
+    d8 = deblur(model, x, ensemble="d8")
+    assert len(calls) == 8 and float((d8 - rot4).abs().max()) > 1e-3
+    plain = deblur(model, x)
+    assert float((plain - rot4).abs().max()) > 1e-3
+    assert ensemble_mode(True) == "rot4" and ensemble_mode(False) is None and ensemble_mode("d8") == "d8"
+    with pytest.raises(HarnessError, match="ensemble: expected true/false, rot4 or d8, got 'rot8'"):
+        deblur(model, x, ensemble="rot8")
+
+
+def test_resolve_device_names_the_setting():
+    assert resolve_device("cpu", "--device") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(HarnessError, match="--device tpu: expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu", "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(HarnessError, match="--device cuda: no CUDA device is available"):
+            resolve_device("cuda", "--device")
 
 
 def test_self_ensemble_is_equivariant():
@@ -104,10 +145,10 @@ def test_self_ensemble_is_equivariant():
     fn = lambda t: conv(t)[-1]  # noqa: E731
     x = torch.rand(1, 3, 12, 16)
     with torch.no_grad():
-        base = self_ensemble(fn, x)
+        base = d8_ensemble(fn, x)
         assert not torch.allclose(fn(x.flip(-1)).flip(-1), fn(x), atol=1e-3)  # fn itself is not
         for k in range(4):
-            moved = self_ensemble(fn, torch.rot90(x, k, dims=(-2, -1)).flip(-1))
+            moved = d8_ensemble(fn, torch.rot90(x, k, dims=(-2, -1)).flip(-1))
             assert torch.allclose(moved, torch.rot90(base, k, dims=(-2, -1)).flip(-1), atol=1e-5)
 
 
@@ -195,8 +236,12 @@ def test_evaluate_reports_blurred_baseline(synth_gopro, tmp_path):
     assert result.per_scene["scene_001"]["count"] == 2
 
     summary = result.to_dict()
-    assert set(summary) == {"psnr", "ssim", "blurred_psnr", "blurred_ssim", "count", "per_scene"}
+    assert set(summary) == {"psnr", "ssim", "blurred_psnr", "blurred_ssim", "count", "per_scene", "ensemble",
+                            "precision", "device", "seconds_per_image"}
+    assert (summary["ensemble"], summary["precision"], summary["device"]) == ("none", "fp32", "cpu")
+    assert summary["seconds_per_image"] > 0
     rows = list(csv.DictReader(open(result.write_csv(tmp_path / "rows.csv"))))
+    assert rows[0]["ensemble"] == "none" and rows[0]["precision"] == "fp32"
     assert [r["key"] for r in rows] == [p.key for p in pairs]
     assert float(rows[1]["blurred_psnr"]) == pytest.approx(float(psnr(blur[1:2], sharp[1:2])[0]), abs=1e-9)
     assert "scene_001" in result.format()
@@ -210,6 +255,33 @@ def test_evaluate_with_real_model_and_in_memory_pairs(tiny):
     restored = deblur(tiny, blur[None], ensemble=True)
     assert result.rows[0]["psnr"] == pytest.approx(float(psnr(restored, sharp[None])[0]), abs=1e-9)
     assert isinstance(result, EvalResult) and result.count == 2
+    assert result.ensemble == "rot4"
+
+
+def test_evaluate_batches_equal_size_frames_with_the_same_scores(tiny):
+    torch.manual_seed(2)
+    frames = [torch.rand(3, 24, 32) for _ in range(3)] + [torch.rand(3, 20, 28)]
+    pairs = [Pair(f"k{i}", "s", f.roll(1, -1), f) for i, f in enumerate(frames)]
+    calls = []
+    hook = tiny.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        one = evaluate(tiny, pairs)
+        assert calls == [1, 1, 1, 1]
+        calls.clear()
+        batched = evaluate(tiny, pairs, batch=2)
+        assert calls == [2, 1, 1]  # k0+k1, k2 (the next frame has another size), k3
+    finally:
+        hook.remove()
+    for a, b in zip(one.rows, batched.rows):
+        assert a["key"] == b["key"] and a["psnr"] == pytest.approx(b["psnr"], abs=1e-6)
+    with pytest.raises(HarnessError, match="batch: expected a positive number, got 0"):
+        evaluate(tiny, pairs, batch=0)
+
+
+def test_evaluate_rejects_bad_pairs(tiny):
+    torch.manual_seed(1)
+    sharp = torch.rand(3, 36, 44)
+    blur = (sharp + sharp.roll(2, -1) + sharp.roll(-2, -1)) / 3
     with pytest.raises(HarnessError, match="k2: expected blur and sharp"):
         evaluate(tiny, [Pair("k2", "s", blur, sharp[:, :20])])
     with pytest.raises(HarnessError, match="no image pairs"):

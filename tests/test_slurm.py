@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.fixtures.launch import private_torch_extensions
-from tests.fixtures.slurm import FINAL_STATES
+from tests.fixtures.slurm import remove_shm_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -91,32 +91,13 @@ def train_jobs(slurm, train_shards, tmp_path_factory) -> dict:
         jobs[name] = {"job": job, "run_dir": run_dir, "log": out / f"{name}-{job}.out"}
     try:
         pre = jobs["preempted"]
-        slurm.wait_state(pre["job"], "RUNNING", timeout=120)
-        deadline = time.monotonic() + 180  # DeepSpeed start-up (a first JIT build included)
-        while logged_step(pre["run_dir"]) < 10:
-            if time.monotonic() > deadline or slurm.job(pre["job"])["JobState"] != "RUNNING":
-                slurm.fail(pre["job"], "never reached step 10 of training")
-            time.sleep(0.2)
-        slurm.cmd("scancel", "--full", "--signal=USR1", str(pre["job"]))
-        # The batch script requeues the job after the checkpoint; skip the ~120 s requeue delay.
-        deadline = time.monotonic() + 120
-        while slurm.job(pre["job"]).get("Restarts") != "1" or slurm.job(pre["job"])["JobState"] != "PENDING":
-            if time.monotonic() > deadline or slurm.job(pre["job"])["JobState"] in FINAL_STATES:
-                slurm.fail(pre["job"], "was not requeued after the signal")
-            time.sleep(0.3)
+        slurm.preempt_and_requeue(pre["job"], lambda: logged_step(pre["run_dir"]), min_step=10, timeout=180)
         pre["stopped_summary"] = json.loads((pre["run_dir"] / "summary.json").read_text())
-        # Not "now": slurmd revoked the first attempt's credential when it was killed, and it
-        # compares whole seconds, so a restart within the same second is refused ("Job credential
-        # revoked") and the job FAILs. Real clusters wait ~120 s; a few seconds are enough.
-        slurm.cmd("scontrol", "update", f"JobId={pre['job']}", "StartTime=now+5")
         for info in jobs.values():
             info["record"] = slurm.wait(info["job"], timeout=240)
         yield jobs
     finally:
-        for info in jobs.values():
-            port = 20000 + info["job"] % 10000  # train.sbatch's MASTER_PORT
-            for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-                leftover.unlink(missing_ok=True)
+        remove_shm_leftovers(info["job"] for info in jobs.values())
 
 
 def rank_nodes(log: Path) -> dict[int, str]:

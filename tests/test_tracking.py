@@ -225,6 +225,53 @@ def test_outage_buffers_flushes_then_offline_file_and_replay(mlflow_own_server, 
     assert not (tmp_path / OFFLINE_FILE).exists() and (tmp_path / (OFFLINE_FILE + ".replayed")).exists()
 
 
+def test_spilled_records_are_sent_by_themselves_in_order_when_the_server_is_back(
+    mlflow_own_server, tmp_path, caplog
+):
+    """No manual replay: what an outage spilled to the offline file goes out, before newer
+    records, as soon as the server answers -- in the same trainer, or in the next launch."""
+    server = mlflow_own_server
+    server.start()
+    cfg = tcfg(server.uri)
+    client = mlflow.MlflowClient(server.uri, registry_uri=server.uri)
+    tracker = MlflowTracker(cfg, tmp_path, retry_seconds=0.0)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    server.kill()
+    for step in (2, 3):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    g = torch.Generator().manual_seed(0)
+    tracker.log_triptychs([("val0", *[torch.rand(3, 8, 8, generator=g) for _ in range(3)], 20.0)], step=3)
+    tracker.persist()  # a checkpoint during the outage: the queue goes to the offline file
+    assert (tmp_path / OFFLINE_FILE).exists()
+    tracker.log_metrics({"loss": 4.0}, step=4)  # queued after the spilled ones
+    server.start()  # back on the same store
+    with caplog.at_level(logging.WARNING, logger="harness.tracking"):
+        tracker.log_metrics({"loss": 5.0}, step=5)
+    assert not (tmp_path / OFFLINE_FILE).exists()
+    assert any("sent the 3 record(s) kept in" in r.getMessage() for r in caplog.records)
+    history = client.get_metric_history(tracker.run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5]
+    images = [a.path for a in client.list_artifacts(tracker.run_id, "images")]
+    assert any(p.startswith("images/triptych~val0+step+3+") for p in images)
+    tracker.close("KILLED")
+
+    # A launch killed during an outage leaves a spill; the next launch sends it when it starts.
+    dead = MlflowTracker(tcfg(f"http://127.0.0.1:{free_port()}", experiment=cfg.experiment), tmp_path,
+                         resume_run_id=tracker.run_id, log_environment=False)
+    for step in (6, 7):
+        dead.log_metrics({"loss": float(step)}, step=step)
+    dead.persist()
+    del dead  # killed: never closed
+    nxt = MlflowTracker(cfg, tmp_path, resume_run_id=tracker.run_id)
+    assert not (tmp_path / OFFLINE_FILE).exists()
+    nxt.log_metrics({"loss": 8.0}, step=8)
+    nxt.close()
+    run = client.get_run(tracker.run_id)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 9))
+    assert run.info.status == "FINISHED" and not (tmp_path / OFFLINE_FILE).exists()
+
+
 def test_persist_at_checkpoint_keeps_an_outage_queue_through_a_kill(mlflow_server, tmp_path):
     """A trainer killed during an outage (no `close`) keeps what it queued up to its last
     `persist`. Replaying that file (no end record) ends a still-running run as KILLED, and keeps

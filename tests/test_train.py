@@ -152,11 +152,44 @@ def _rank_process(launch: Launch, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} not found")
 
 
+# fp32 reduction noise between 2 ranks x micro 2 (gloo all-reduce average) and 1 rank x micro 2 x
+# accumulation 2 (DeepSpeed sums loss / 2). Measured on CPU: logged losses differ by <= 5.1e-8
+# relative (the mean over ranks vs over micro-batches is summed in another order), weights by 0
+# (halving is exact in binary floating point, so both gradient sums round alike).
+WORLD_RTOL = 1e-6
+
+
+def _rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in a)
+
+
+def _weights_rel_diff(a: Path, b: Path) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).norm() / wb[k].norm().clamp_min(1e-12)) for k in wa)
+
+
 def test_elastic_resume_two_to_one_and_back_with_preemption(launch_train, fp32_run, train_shards, tmp_path):
-    run_dir = tmp_path / "E"
+    """World-size invariance (the data order depends on the global batch only): 1 process with
+    accumulation 2 trains like 2 ranks; an elastic resume 2 -> 1 continues that very run."""
+    run_dir, ref = tmp_path / "E", tmp_path / "R1"
     shutil.copytree(fp32_run, run_dir)
     lr_a = _events(fp32_run, "train")[-1]["lr"]
-    loss_a = sum(e["loss"] for e in _events(fp32_run, "train")[-4:]) / 4
+
+    # The reference: 16 steps on 1 process (micro 2 x accumulation 2), then continued to 20 there.
+    for steps in (16, 20):
+        r1 = launch_train([*FP32, "--run-dir", ref, f"train.steps={steps}", *_data(train_shards)], nprocs=0)
+        assert r1.run(TIMEOUT) == 0, r1.output()[-3000:]
+        if steps == 16:
+            shutil.copy(ref / "weights.pkl", tmp_path / "r1-16.pkl")
+    losses_1 = {e["step"]: e["loss"] for e in _events(ref, "train")}
+    losses_2 = {e["step"]: e["loss"] for e in _events(fp32_run, "train")}
+    assert sorted(losses_1) == list(range(1, 21))
+    world_diff = _rel_diff({s: losses_1[s] for s in losses_2}, losses_2)
+    weights_diff = _weights_rel_diff(tmp_path / "r1-16.pkl", fp32_run / "weights.pkl")
+    print(f"world 2 vs 1 x accum 2: losses rel diff {world_diff:.2e}, weights {weights_diff:.2e}")
+    assert world_diff <= WORLD_RTOL and weights_diff <= WORLD_RTOL
 
     # 2 ranks -> 1 (plain python): universal checkpoint, same global batch via accumulation.
     one = launch_train([*FP32, "--run-dir", run_dir, "train.steps=20", *_data(train_shards)], nprocs=0)
@@ -167,8 +200,11 @@ def test_elastic_resume_two_to_one_and_back_with_preemption(launch_train, fp32_r
     steps = [e for e in _events(run_dir, "train") if e["step"] > 16]
     assert [e["step"] for e in steps] == [17, 18, 19, 20] and steps[0]["samples"] == 68
     assert steps[0]["lr"] == lr_a  # the schedule continues where it was (after the step-10 milestone)
-    # Weights and Adam moments carried over: the loss continues, it does not restart (~0.5).
-    assert sum(e["loss"] for e in steps) / 4 < 1.5 * loss_a
+    # Exact elastic resume: the same batches as the uninterrupted run, so the same losses and weights.
+    elastic_diff = _rel_diff({e["step"]: e["loss"] for e in steps}, {s: losses_1[s] for s in range(17, 21)})
+    elastic_weights = _weights_rel_diff(run_dir / "weights.pkl", ref / "weights.pkl")
+    print(f"elastic 2 -> 1 vs uninterrupted: losses rel diff {elastic_diff:.2e}, weights {elastic_weights:.2e}")
+    assert elastic_diff <= WORLD_RTOL and elastic_weights <= WORLD_RTOL
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
 
     # 1 rank -> 2, then preemption: SIGUSR1 reaches rank 1 only; both ranks stop at the same step,

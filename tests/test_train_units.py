@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,8 @@ def test_torn_checkpoints_are_never_picked_and_pruning_keeps_best(tmp_path):
     assert checkpoint.resolve_tag(ckpt, "best") == "step00000002"
     assert torn_new.exists()
     marker = json.loads((ckpt / "step00000006" / "COMPLETE").read_text())
-    assert marker["world_size"] == 2 and marker["files"] == {"mp_rank_00_model_states.pt": 6}
+    assert marker["world_size"] == 2 and marker["checksum"] == "crc32"
+    assert marker["files"] == {"mp_rank_00_model_states.pt": {"size": 6, "crc32": f"{zlib.crc32(b'x' * 6):08x}"}}
     with pytest.raises(HarnessError, match="no complete checkpoint for tag 'step00000010'"):
         checkpoint.resolve_tag(ckpt, "step00000010")
     with pytest.raises(HarnessError, match="no complete checkpoint"):

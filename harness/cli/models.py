@@ -28,14 +28,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "checkpoints, optional when the weights file records it",
     )
     p.add_argument("--weights", required=True, help="weights file, or an MLflow models:/ or runs:/ URI")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default: the paper's protocol), or bf16/fp16 autocast")
     p.add_argument("--tile", type=int, help="run in tiles of N px (large images), blended over --overlap")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in px (default 32)")
     p.add_argument(
         "--ensemble",
-        action="store_true",
-        help="8-fold flip/rotation self-ensemble (MIMO-UNet+ -> MIMO-UNet++), 8x slower",
+        nargs="?",
+        const="rot4",
+        default=None,
+        choices=["rot4", "d8"],
+        help="self-ensemble: rot4 (the default when given alone; MIMO-UNet+ -> MIMO-UNet++ as published: "
+        "the input rotated by 0/90/180/270 degrees, averaged, 2 batched forwards) or d8 (8 flips x "
+        "rotations, 8 forwards)",
     )
 
 
@@ -67,6 +73,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--shards", help="directory of packed shards (manifest.json)")
     p.add_argument("--blur-dir", default="blur", help="blur folder name with --data (e.g. blur_gamma)")
     p.add_argument("--max-images", type=int, help="evaluate only the first N pairs")
+    p.add_argument("--batch", type=int, default=1, help="equal-size frames per forward (default 1)")
     p.add_argument("--json", help="write the summary and per-scene means as JSON")
     p.add_argument("--csv", help="write one row per image as CSV")
     p.set_defaults(func=run_eval)
@@ -77,11 +84,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def load_model(args: argparse.Namespace):
     """The model named by --weights/--model on the --device, in eval mode."""
-    import torch
-
+    from harness.infer import resolve_device
     from harness.models import model_from_checkpoint
 
-    device = _pick_device(args.device, torch)
+    device = resolve_device(args.device, "--device")
     weights = args.weights
     if weights.startswith(TRACKING_SCHEMES):
         try:  # only MLflow URIs need the tracking stack
@@ -90,14 +96,6 @@ def load_model(args: argparse.Namespace):
             raise HarnessError(f"--weights {weights}: MLflow URIs need harness.tracking ({exc})") from None
         weights = fetch_weights(weights)
     return model_from_checkpoint(Path(weights), args.model).to(device).eval()
-
-
-def _pick_device(choice: str, torch):
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise HarnessError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(choice)
 
 
 def _deblur_options(args: argparse.Namespace) -> dict:
@@ -177,7 +175,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         pairs = eval_loader(args.shards, rank=0, world_size=1, max_images=args.max_images)
     model = load_model(args)
-    result = evaluate(model, pairs, progress=sys.stderr.isatty(), **_deblur_options(args))
+    result = evaluate(model, pairs, progress=sys.stderr.isatty(), batch=args.batch, **_deblur_options(args))
     print(result.format())
     if args.json:
         _write_json(result.to_dict(), Path(args.json))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,10 @@ def image_ext(sample: dict[str, Any], role: str) -> str:
     for ext in IMAGE_EXTS:
         if f"{role}.{ext}" in sample:
             return ext
-    raise ValueError(f"no {role}.<png|npy|...> member (has {sorted(k for k in sample if not k.startswith('__'))})")
+    names = sorted(k for k in sample if not k.startswith("__"))
+    # A member named without its role (`KEY.png`) or with a dot in its key groups wrongly.
+    raise ValueError(f"no {role} image member (expected {role}.<{'|'.join(IMAGE_EXTS)}>, the sample has "
+                     f"{', '.join(names) or 'no members'}: a bad member name?)")
 
 
 def decode_pair(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -135,38 +140,154 @@ def local_path(url: str) -> Path | None:
     return None if is_url(url) else Path(url.removeprefix("file:"))
 
 
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard (local path or webdataset URL such as `pipe:cat x.tar`), undecoded.
+def iter_shard(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples `start`..`stop` of one shard (local path or webdataset URL such as `pipe:cat x.tar`),
+    undecoded (a local shard reads only those; a remote one streams past the others).
 
     Samples are grouped by webdataset's own `group_by_keys`, so anything webdataset reads, we
-    read, with the same keys. A local file is read with random access, one read per member:
-    webdataset's stream reader copies members in 10 KB pieces, which was three quarters of the
-    cost of a raw 1280x720 sample. A broken tar raises HarnessError naming the shard.
+    read, with the same keys. A local file is read through its index (`shard_index`), one
+    `os.pread` per sample, members as memoryviews of that one buffer: webdataset's stream reader
+    copies members in 10 KB pieces, which was three quarters of the cost of a raw 1280x720
+    sample. A broken tar raises HarnessError naming the shard (and the key where it broke).
     """
     import webdataset as wds
-    from webdataset.tariterators import group_by_keys
 
     local = local_path(url)
+    if local is not None and local.is_file():
+        entries = shard_index(local, url)[start:stop]
+        with open(local, "rb") as fh:
+            for entry in entries:
+                yield read_sample(fh.fileno(), entry, url)
+        return
     try:
-        if local is not None and local.is_file():
-            yield from group_by_keys(_local_members(local, url))
-        else:
-            yield from wds.tarfile_samples([{"url": url}])
+        yield from itertools.islice(wds.tarfile_samples([{"url": url}]), start, stop)
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        msg = str(exc.args[0]) if exc.args else exc.__class__.__name__
-        raise HarnessError(f"shard {url}: unreadable tar ({msg.split(' @ ')[0]})") from None
+        raise HarnessError(f"shard {url}: unreadable tar ({_tar_message(exc)})") from None
+
+
+def _tar_message(exc: BaseException) -> str:
+    msg = str(exc.args[0]) if exc.args else exc.__class__.__name__
+    return msg.split(" @ ")[0]
 
 
 _WDS_SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members it never yields
 
 
-def _local_members(path: Path, url: str) -> Iterator[dict[str, Any]]:
-    """Regular members of a local tar as webdataset's tar_file_expander gives them."""
-    with tarfile.open(path, "r:") as tf:
+@dataclass(frozen=True)
+class IndexedSample:
+    """Where one sample's members lie in its tar: data offsets from the tar headers.
+
+    `start`..`end` spans every member (headers between them included), so one read gets the sample.
+    """
+
+    key: str
+    start: int
+    end: int
+    members: tuple[tuple[str, int, int], ...]  # (suffix, data offset, size)
+
+
+def shard_index(path: Path, url: str | None = None) -> list[IndexedSample]:
+    """Every sample of a local tar with its members' offsets, from the headers alone (no data read).
+
+    Grouped by webdataset's `group_by_keys` (same keys and suffixes as webdataset). HarnessError
+    naming the shard, and the last good key, for a corrupt or truncated tar.
+    """
+    from webdataset.tariterators import group_by_keys
+
+    url = url or str(path)
+    out: list[IndexedSample] = []
+
+    def members(tf: tarfile.TarFile) -> Iterator[dict[str, Any]]:
         for info in tf:
             if info.isreg() and not _WDS_SKIP.match(info.name):
-                yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": url}
+                yield {"fname": info.name, "data": (info.offset_data, info.size), "__url__": url}
             tf.members = []  # headers are not needed again: keep memory flat over big shards
+
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for sample in group_by_keys(members(tf)):
+                parts = tuple((k, *v) for k, v in sample.items() if not k.startswith("__"))
+                out.append(IndexedSample(sample["__key__"], min(p[1] for p in parts),
+                                         max(p[1] + p[2] for p in parts), parts))
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        where = f" after key {out[-1].key}" if out else ""
+        raise HarnessError(f"shard {url}: unreadable tar{where} ({_tar_message(exc)})") from None
+    return out
+
+
+def read_sample(fd: int, entry: IndexedSample, url: str) -> dict[str, Any]:
+    """One sample as webdataset gives it (`__key__`, `__url__`, suffix -> bytes-like), read with a
+    single `os.pread`; members are zero-copy memoryviews of that read (meta.json as bytes)."""
+    size = entry.end - entry.start
+    data = os.pread(fd, size, entry.start)
+    if len(data) != size:
+        raise HarnessError(f"shard {url}: key {entry.key}: truncated ({len(data)} of {size} bytes "
+                           f"at offset {entry.start})")
+    view = memoryview(data)
+    sample: dict[str, Any] = {"__key__": entry.key, "__url__": url}
+    for suffix, off, n in entry.members:
+        part = view[off - entry.start : off - entry.start + n]
+        sample[suffix] = bytes(part) if suffix.endswith("json") else part
+    return sample
+
+
+CACHE_ENV, CACHE_LIMIT_ENV = "MIMO_SHARD_CACHE", "MIMO_SHARD_CACHE_LIMIT"
+DEFAULT_CACHE_LIMIT = "256GB"
+
+
+def shard_cache_dir() -> Path:
+    """Where remote shards are cached: $MIMO_SHARD_CACHE, else ~/.cache/mimo-harness/shards."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mimo-harness" / "shards")
+
+
+def cache_shards(urls: list[str]) -> list[str]:
+    """Local paths for shard sources: local ones as they are, remote ones (pipe:, http(s)://, s3://
+    ...) copied once into the shard cache (named by a hash of the URL) and read like local ones.
+
+    The cache holds at most $MIMO_SHARD_CACHE_LIMIT bytes (default 256GB): a download that would
+    go over it is removed and refused with one line, so a too-small disk fails at start, not later.
+    """
+    from harness.data.pack import parse_size
+
+    if all(local_path(u) is not None for u in urls):
+        return [str(local_path(u)) for u in urls]
+    cache = shard_cache_dir()
+    raw_limit = os.environ.get(CACHE_LIMIT_ENV) or DEFAULT_CACHE_LIMIT
+    try:
+        limit = parse_size(raw_limit)
+    except HarnessError:
+        raise HarnessError(f"{CACHE_LIMIT_ENV}={raw_limit!r}: expected a size such as 256GB") from None
+    return [str(local_path(u) or _cached(u, cache, limit)) for u in urls]
+
+
+def _cached(url: str, cache: Path, limit: int) -> Path:
+    import webdataset as wds
+
+    name = Path(url.split("?")[0].rstrip("/").split()[-1]).name or "shard.tar"
+    path = cache / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{name}"
+    if path.is_file():
+        return path
+    try:
+        with atomic_write(path) as tmp, open(tmp, "wb") as out:
+            stream = wds.gopen(url, "rb")
+            try:
+                while block := stream.read(1 << 22):
+                    out.write(block)
+            finally:
+                stream.close()
+            used = sum(p.stat().st_size for p in cache.iterdir() if p.is_file())
+            if used > limit:
+                raise HarnessError(f"shard cache {cache}: {url} would make it {used} bytes, over "
+                                   f"{CACHE_LIMIT_ENV}={limit}; raise the limit or copy the shards to a local dir")
+    except (OSError, ValueError) as exc:  # pipe: commands that fail raise from close()
+        msg = _tar_message(exc)
+        status = re.search(r"\): exit (\d+)", msg)
+        if status:
+            msg = f"the command exited with status {status.group(1)}"
+        elif "no gopen handler" in msg:
+            msg = "no reader for this scheme; wrap it in a command, e.g. pipe:aws s3 cp s3://... -"
+        raise HarnessError(f"shard {url}: download to the shard cache failed ({msg})") from None
+    return path
 
 
 def tar_keys(path: Path) -> list[str]:

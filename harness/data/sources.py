@@ -44,9 +44,9 @@ class PairInfo:
     sharp_bytes: int
 
 
-def _need_dir(path: Path, what: str) -> Path:
+def _need_dir(path: Path, what: str, hint: str = "") -> Path:
     if not path.is_dir():
-        raise HarnessError(f"{path}: {what} directory not found")
+        raise HarnessError(f"{path}: {what} directory not found{hint}")
     return path
 
 
@@ -85,10 +85,16 @@ def list_gopro(root: Path, split: str, blur_dir: str = "blur") -> tuple[list[Pai
         raise HarnessError(f"{split_dir}: no scene directories")
     pairs, unmatched = [], []
     for scene in scenes:
-        b = _need_dir(scene / blur_dir, f"'{blur_dir}'")
+        b = _need_dir(scene / blur_dir, f"'{blur_dir}'", _other_blur_dirs(scene, blur_dir))
         s = _need_dir(scene / "sharp", "'sharp'")
         pairs += _twins(b, s, scene.name, Path(root), unmatched)
     return pairs, unmatched
+
+
+def _other_blur_dirs(scene: Path, blur_dir: str) -> str:
+    """`mimo pack gopro` hint when the scene has another blur folder (GoPro ships blur_gamma too)."""
+    others = sorted(p.name for p in scene.iterdir() if p.is_dir() and p.name.startswith("blur") and p.name != blur_dir)
+    return f"; the scene has {', '.join(others)}/: pass --blur-dir {others[0]}" if others else ""
 
 
 def list_reds(root: Path, split: str) -> tuple[list[PairSource], list[dict]]:

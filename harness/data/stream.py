@@ -1,42 +1,49 @@
 """Streaming loaders over tar shards: `train_loader` (infinite, exactly resumable) and `eval_loader`.
 
-How the training stream is built (all draws from numpy generators keyed by integers, so the
-stream is a pure function of (seed, epoch, rank, world_size, worker lanes)):
+The training order is a pure function of (seed, epoch, position in the epoch), never of the world
+size or the number of workers, and it is the reference code's (a DataLoader with shuffle=True):
 
-- Batch `g` of a rank (g = 0, 1, 2, ...) belongs to epoch `g // batches_per_epoch` and is made
-  by lane `g % lanes` (lanes = max(workers, 1)). torch's DataLoader asks its workers in turn,
-  starting with worker 0, so a DataLoader started at batch `s` gives worker w the lane
-  (s + w) % lanes, and each worker makes its lane's batches in order (batch_size=None: the
-  worker batches, the DataLoader only transports).
-- Epoch `e` deals the shards out to the `world_size * lanes` slots with a permutation keyed by
-  (seed, e): disjoint shards per rank and worker (webdataset's split_by_node + split_by_worker).
-  With fewer shards than slots, slots share shards (different draws), with a warning.
-- A lane resamples its shards endlessly (shard order keyed by (seed, e, rank, world, lanes,
-  lane)), reads each sequentially, shuffles samples in a small buffer, decodes a sample once and
-  cuts `crops_per_image` aligned crops, shuffles crops in a buffer, and batches them. Every rank
-  yields the same number of batches per epoch (the stream never runs dry), so DDP never hangs.
-- Crop positions come from the image size in meta.json (or the file header): skipping consumed
-  batches replays the draws and reads the tar bytes but decodes nothing.
+- Samples are numbered 0..N-1 in manifest order (shard by shard). Epoch `e` is a uniform random
+  permutation of all N, drawn from (seed, e) only: every sample exactly once per epoch.
+- Crop sequence: epoch e contributes N * crops_per_image crops. The permutation is cut into
+  windows of B samples (B = the global batch; the last window holds N mod B); a window yields
+  crop k = 0 of each of its samples in order, then k = 1, ... (so a batch never holds two crops
+  of one image). Epochs follow each other without a gap: a batch that runs past the end of
+  epoch e continues with the start of epoch e + 1 (the epoch boundary wraps, as with
+  `drop_last=False` over an endless sampler; no crop is dropped or repeated).
+- Crop position and flips of crop k of sample i in epoch e: drawn from (seed, e, i, k) only.
+- Global batch g = crops [g*B, (g+1)*B). It is split into B/m micro-batches of m crops; rank r of
+  W takes micro-batch t*W + r at accumulation step t, i.e. the rank's j-th micro-batch is the
+  global micro-batch j*W + r. So world 1 x accumulation 2 x micro 2 and world 2 x micro 2 feed
+  the same crops to the same optimizer step.
+- Workers split the rank's micro-batches round robin (torch's DataLoader asks worker 0 first):
+  worker w of n makes micro-batches start + w, start + w + n, ... Each reads a sample with one
+  `os.pread` through the shard index (`shards.shard_index`, built from the tar headers once,
+  in the loader's process) and keeps at most B/W decoded samples (only when crops_per_image > 1:
+  the other crops of a window reuse them). No shard is ever buffered whole.
+- Remote shard URLs (pipe:, http(s)://, ...) are copied once into the shard cache
+  (`shards.cache_shards`, size-limited) and then read like local ones: the same order.
 
-State (`TrainStream.state_dict()`), identical on every rank apart from `rank`:
-  {"version": 1, "seed", "epoch", "batches" (consumed by this rank), "batches_per_epoch",
-   "batch_size", "crops_per_image", "world_size", "lanes", "rank",
-   "samples" (crops consumed by this rank), "global_samples" (by all ranks)}
-`load_state_dict` with the same seed/world_size/lanes/batch_size/crops_per_image/
-batches_per_epoch resumes exactly: the next batch is the one the uninterrupted run would have
-yielded next (skip cost: at most one epoch of tar reads, no decoding). Otherwise (elastic resume)
-it continues at `global_samples // (batch_size * world_size)` batches: the epoch counter and the
-number of samples seen carry over (rounded down to whole global batches), but the crops are those
-a run started with the new configuration would yield there, not those the old one would have.
-A sample that fails to decode under on_error="skip" is replaced by the next one; if that happened
-inside the skipped region, the resumed stream is shifted from there on.
+State (`TrainStream.state_dict()`), the same on every rank and at any world size:
+  {"version": 2, "seed", "epoch", "position" (crops consumed by all ranks), "global_batch",
+   "crops_per_image", "samples" (N), "manifest" (sha256 of the shards' key lists)}
+`load_state_dict` resumes exactly, at any world size, micro-batch or worker count: the next
+global batches are those the uninterrupted run would have seen. A different manifest, global
+batch or crops_per_image is refused with one line naming the field, as is a version-1 state (the
+older shard-buffer stream, whose order depended on the world size); with MIMO_LOADER_RESUME=
+continue (or `mode="continue"`) the stream instead continues this order at the saved crop count
+(rounded up to a whole global batch), which is not what the old run would have seen.
+A sample that fails to decode under on_error="skip" is replaced by the next decodable sample in
+manifest order (same epoch and k), so the substitution is a pure function of the position too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
-import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,29 +54,32 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from harness.data import crops as C
 from harness.data.shards import (
+    IndexedSample,
+    cache_shards,
     decode_pair,
-    image_ext,
-    image_size,
     iter_shard,
     load_manifest,
     local_path,
     read_meta,
+    read_sample,
+    shard_index,
     tar_keys,
 )
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
-DEFAULT_EPOCH_BATCHES = 1000  # when the sample count is unknown (remote URLs without a manifest)
-_SHARD_SALT = 0x5EED  # separates the shard-dealing generator from the lane generators
+STATE_VERSION = 2
+RESUME_ENV = "MIMO_LOADER_RESUME"  # "exact" (default) or "continue"
+RESUME_MODES = ("exact", "continue")
+_PERM_SALT, _CROP_SALT = 0x5EED, 0xC409  # separate the permutation draws from the crop draws
 _ERROR = "__error__"
 
 
 # ---------------------------------------------------------------- sources
 
 
-def resolve_source(source: str | os.PathLike) -> tuple[list[str], list[int] | None]:
-    """Shard URLs and per-shard sample counts (None when unknown) of a shard dir, manifest or URL pattern."""
+def _listing(source: str | os.PathLike) -> tuple[list[str], list[int] | None]:
+    """Shard URLs of a shard dir, manifest or URL pattern, with the manifest's sample counts (or None)."""
     path = Path(source)
     if path.is_dir() or path.name == "manifest.json":
         manifest = load_manifest(path)
@@ -86,12 +96,93 @@ def resolve_source(source: str | os.PathLike) -> tuple[list[str], list[int] | No
     missing = [u for u, p in zip(urls, paths) if p is not None and not p.is_file()]
     if missing:
         raise HarnessError(f"{missing[0]}: no such shard ({len(missing)} of {len(urls)} missing in {source})")
-    if None in paths:
-        return urls, None
-    return urls, [len(tar_keys(p)) for p in paths]
+    return urls, None
 
 
-# ---------------------------------------------------------------- helpers
+def resolve_source(source: str | os.PathLike) -> tuple[list[str], list[int] | None]:
+    """Shard URLs and per-shard sample counts (None when unknown) of a shard dir, manifest or URL pattern."""
+    urls, counts = _listing(source)
+    paths = [local_path(u) for u in urls]
+    if counts is None and None not in paths:
+        counts = [len(tar_keys(p)) for p in paths]
+    return urls, counts
+
+
+def index_source(source: str | os.PathLike) -> tuple[list[str], list[str], list[list[IndexedSample]]]:
+    """Shard URLs, their local paths (remote shards cached first) and every shard's sample index."""
+    urls, counts = _listing(source)
+    if not urls:
+        raise HarnessError(f"{source}: no shards")
+    paths = cache_shards(urls)
+    index = [shard_index(Path(p), u) for p, u in zip(paths, urls)]
+    for url, entries, n in zip(urls, index, counts or [None] * len(urls)):
+        if n is not None and len(entries) != n:
+            raise HarnessError(f"shard {url}: {len(entries)} samples, the manifest says {n} "
+                               f"(`mimo shards verify` the directory)")
+    return urls, paths, index
+
+
+def manifest_identity(index: list[list[IndexedSample]]) -> str:
+    """sha256 of every shard's key list: what sample number i means (paths may move, keys may not)."""
+    h = hashlib.sha256()
+    for entries in index:
+        h.update(("\n".join(e.key for e in entries) + "\n\0").encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the order
+
+
+class Order:
+    """The global crop sequence (module docstring): crop c -> (epoch, sample number, crop k).
+
+    A pure function of (seed, samples, crops_per_image, global batch); picklable.
+    """
+
+    def __init__(self, samples: int, *, seed: int, crops_per_image: int, global_batch: int):
+        self.n, self.seed, self.cpi, self.window = samples, seed, crops_per_image, global_batch
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self._perms.clear()
+
+    @property
+    def epoch_crops(self) -> int:
+        return self.n * self.cpi
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order of all samples, drawn from (seed, epoch) only."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch, _PERM_SALT]).permutation(self.n)
+            self._perms[epoch] = perm
+            while len(self._perms) > 2:  # a batch spans at most two epochs
+                self._perms.popitem(last=False)
+        return perm
+
+    def crop(self, c: int) -> tuple[int, int, int]:
+        epoch, p = divmod(c, self.epoch_crops)
+        full = self.n // self.window  # windows of `window` samples, then one of n % window
+        if p < full * self.window * self.cpi:
+            w, r = divmod(p, self.window * self.cpi)
+            k, s = divmod(r, self.window)
+            slot = w * self.window + s
+        else:
+            k, s = divmod(p - full * self.window * self.cpi, self.n - full * self.window)
+            slot = full * self.window + s
+        return epoch, int(self.permutation(epoch)[slot]), k
+
+    def crops(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        return [self.crop(c) for c in range(lo, hi)]
+
+
+def crop_rng(seed: int, epoch: int, sample: int, k: int) -> np.random.Generator:
+    """The generator of crop k of sample `sample` in epoch `epoch` (position and flips)."""
+    return np.random.default_rng([seed, epoch, sample, k, _CROP_SALT])
+
+
+# ---------------------------------------------------------------- training stream
 
 
 def _lane() -> tuple[int, int]:
@@ -99,153 +190,127 @@ def _lane() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Endless-stream shuffle buffer: fill `size`, then emit a random one and put the new item in its place."""
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = int(rng.integers(len(buf)))
-        yield buf[i]
-        buf[i] = item
-    while buf:  # only reached for finite inputs
-        yield buf.pop(int(rng.integers(len(buf))))
-
-
-class _Sample:
-    """An undecoded sample; decoded at most once, when its first crop is materialized."""
-
-    __slots__ = ("url", "key", "raw", "arrays")
-
-    def __init__(self, url: str, raw: dict[str, Any]):
-        self.url, self.key, self.raw, self.arrays = url, raw["__key__"], raw, None
-
-    def size(self) -> tuple[int, int]:
-        meta = read_meta(self.raw)
-        if "height" in meta and "width" in meta:
-            return int(meta["height"]), int(meta["width"])
-        ext = image_ext(self.raw, "blur")
-        return image_size(self.raw[f"blur.{ext}"], ext)
-
-    def decode(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.arrays is None:
-            self.arrays = decode_pair(self.raw)
-            self.raw = None  # the bytes are no longer needed
-        return self.arrays
-
-    def where(self) -> str:
-        return f"shard {self.url}: key {self.key}"
-
-
-# ---------------------------------------------------------------- training stream
-
-
 class TrainDataset(IterableDataset):
-    """The per-lane batch generator (picklable: plain attributes only)."""
+    """One rank's micro-batches (picklable: plain attributes; open files live in `_Reader`)."""
 
-    def __init__(self, urls, *, crop, crops_per_image, batch_size, seed, rank, world_size, lanes, augs,
-                 batches_per_epoch, shuffle, on_error):
-        self.urls, self.crop, self.cpi, self.batch_size = list(urls), crop, crops_per_image, batch_size
-        self.seed, self.rank, self.world_size, self.lanes = seed, rank, world_size, lanes
-        self.augs, self.batches_per_epoch, self.shuffle, self.on_error = augs, batches_per_epoch, shuffle, on_error
-        self.start_batch = 0
-        self.decode_errors = 0
-
-    def lane_shards(self, epoch: int, lane: int) -> list[str]:
-        n, slots = len(self.urls), self.world_size * self.lanes
-        perm = np.random.default_rng([self.seed, epoch, _SHARD_SALT]).permutation(n)
-        slot = self.rank * self.lanes + lane
-        picks = perm[slot::slots] if n >= slots else [perm[slot % n]]
-        return [self.urls[i] for i in picks]
+    def __init__(self, urls: list[str], paths: list[str], index: list[list[IndexedSample]], order: Order, *,
+                 crop, augs, micro: int, rank: int, world_size: int, on_error: str):
+        self.urls, self.paths = list(urls), list(paths)  # as given (errors name them), as opened
+        self.samples = [(s, e) for s, entries in enumerate(index) for e in entries]
+        self.order, self.crop, self.augs, self.on_error = order, crop, augs, on_error
+        self.micro, self.rank, self.world_size = micro, rank, world_size
+        # The other crops of a window reuse a decoded sample; one crop per image never does.
+        self.cache_size = order.window // world_size if order.cpi > 1 else 0
+        self.start = 0  # this rank's first micro-batch
+        self.reads = self.bytes_read = self.decode_errors = 0
 
     def __iter__(self):
-        worker, n_workers = _lane()
-        if n_workers != self.lanes:
-            yield {_ERROR: f"loader built for {self.lanes} worker lane(s) but run with {n_workers} workers"}
-            return
-        # A fresh DataLoader asks worker 0 first, so worker w makes the lane of batch start_batch + w.
-        lane = (worker + self.start_batch) % self.lanes
+        worker, workers = _lane()
         try:
-            yield from self._batches(lane)
+            yield from self.worker_batches(worker, workers)
         except HarnessError as exc:  # cross the worker boundary as one line, not a traceback
             yield {_ERROR: str(exc)}
 
-    def _batches(self, lane: int):
-        n_per_epoch, epoch, specs = self.batches_per_epoch, None, None
-        g = self.start_batch + (lane - self.start_batch) % self.lanes  # first batch of this lane
-        while True:
-            if g // n_per_epoch != epoch:
-                epoch = g // n_per_epoch
-                specs = self._crop_specs(epoch, lane)
-                first_of_lane = (lane - epoch * n_per_epoch) % self.lanes
-                for _ in range(first_of_lane, g - epoch * n_per_epoch, self.lanes):  # consumed: no decode
-                    for _ in range(self.batch_size):
-                        next(specs)
-            yield self._materialize(specs)
-            g += self.lanes
+    def worker_batches(self, worker: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
+        """What worker `worker` of `workers` yields: micro-batches start + worker, + workers, ..."""
+        reader = _Reader(self)
+        try:
+            for j in itertools.count(self.start + worker, workers):
+                yield self.micro_batch(j, reader)
+        finally:
+            reader.close()
 
-    def _samples(self, epoch: int, lane: int, rng: np.random.Generator) -> Iterator[_Sample]:
-        shards = self.lane_shards(epoch, lane)
-        while True:
-            for i in rng.permutation(len(shards)):
-                for raw in iter_shard(shards[i]):
-                    yield _Sample(shards[i], raw)
-
-    def _crop_specs(self, epoch: int, lane: int) -> Iterator[tuple[_Sample, C.CropSpec]]:
-        rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size, self.lanes, lane])
-        ch, cw = self.crop
-
-        def per_crop():
-            for sample in _shuffled(self._samples(epoch, lane, rng), self.shuffle, rng):
-                h, w = sample.size()
-                if h < ch or w < cw:
-                    raise HarnessError(f"{sample.where()}: image {h}x{w} is smaller than the crop {ch}x{cw}")
-                for _ in range(self.cpi):
-                    yield sample, C.draw(rng, h, w, ch, cw, self.augs)
-
-        # Mixing crops of a few images: a batch is not all crops of one frame.
-        return _shuffled(per_crop(), 4 * max(self.batch_size, self.cpi), rng)
-
-    def _materialize(self, specs) -> dict[str, torch.Tensor]:
+    def micro_batch(self, j: int, reader: _Reader) -> dict[str, torch.Tensor]:
+        q = j * self.world_size + self.rank  # the global micro-batch this rank's j-th one is
         ch, cw = self.crop
         blurs, sharps = [], []
-        while len(blurs) < self.batch_size:
-            sample, spec = next(specs)
-            try:
-                blur, sharp = sample.decode()
-            except ValueError as exc:
-                if self.on_error != "skip":
-                    raise HarnessError(f"{sample.where()}: {exc}") from None
-                self.decode_errors += 1
-                log.warning("skipping %s: %s (%d skipped in this worker)", sample.where(), exc, self.decode_errors)
-                continue
+        for epoch, sample, k in self.order.crops(q * self.micro, (q + 1) * self.micro):
+            sample, blur, sharp = reader.pair(sample)
+            spec = C.draw(crop_rng(self.order.seed, epoch, sample, k), *blur.shape[:2], ch, cw, self.augs)
             blurs.append(C.cut(blur, spec, ch, cw))
             sharps.append(C.cut(sharp, spec, ch, cw))
         return {"blur": C.to_tensor_batch(blurs), "sharp": C.to_tensor_batch(sharps)}
 
 
-class TrainStream:
-    """Infinite iterable of {"blur", "sharp"} uint8 NCHW batches (channels_last memory; see
-    `crops.to_tensor_batch` and `crops.to_float`) with exact save/restore.
+class _Reader:
+    """A worker's open shard files and its few decoded samples (at most `cache_size`)."""
 
-    Iterating continues from `batches` (the count consumed so far); `epoch` and
-    `batches_per_epoch` give the nominal epoch. See the module docstring for the state format.
+    def __init__(self, ds: TrainDataset):
+        self.ds, self.fds = ds, {}
+        self.cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def pair(self, sample: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(sample number, blur, sharp); under on_error="skip" a broken sample is replaced by the
+        next decodable one in manifest order."""
+        n = len(self.ds.samples)
+        for tried in range(n):
+            got = self._decoded((sample + tried) % n)
+            if got is not None:
+                return (sample + tried) % n, *got
+        raise HarnessError(f"no decodable sample in {len(self.ds.paths)} shard(s)")
+
+    def _decoded(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if i in self.cache:
+            self.cache.move_to_end(i)
+            return self.cache[i]
+        ds = self.ds
+        shard, entry = ds.samples[i]
+        url = ds.urls[shard]
+        raw = read_sample(self._fd(shard), entry, url)
+        ds.reads, ds.bytes_read = ds.reads + 1, ds.bytes_read + entry.end - entry.start
+        try:
+            blur, sharp = decode_pair(raw)
+        except ValueError as exc:
+            if ds.on_error != "skip":
+                raise HarnessError(f"shard {url}: key {entry.key}: {exc}") from None
+            ds.decode_errors += 1
+            log.warning("skipping shard %s: key %s: %s (%d skipped in this worker)", url, entry.key, exc,
+                        ds.decode_errors)
+            return None
+        (h, w), (ch, cw) = blur.shape[:2], ds.crop
+        if h < ch or w < cw:
+            raise HarnessError(f"shard {url}: key {entry.key}: image {h}x{w} is smaller than the crop {ch}x{cw}")
+        if ds.cache_size:
+            self.cache[i] = (blur, sharp)
+            while len(self.cache) > ds.cache_size:
+                self.cache.popitem(last=False)
+        return blur, sharp
+
+    def _fd(self, shard: int) -> int:
+        fd = self.fds.get(shard)
+        if fd is None:
+            fd = self.fds[shard] = os.open(self.ds.paths[shard], os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.cache.clear()
+
+
+class TrainStream:
+    """Infinite iterable of this rank's {"blur", "sharp"} uint8 NCHW micro-batches (channels_last
+    memory; see `crops.to_tensor_batch` and `crops.to_float`) with exact save/restore.
+
+    Iterating continues from `batches` (this rank's micro-batches consumed so far); `position` is
+    the crops consumed by all ranks, `epoch` the epoch the next crop belongs to. See the module
+    docstring for the order and the state format.
     """
 
-    def __init__(self, dataset: TrainDataset, workers: int):
-        self.dataset, self.workers = dataset, workers
+    def __init__(self, dataset: TrainDataset, workers: int, manifest: str):
+        self.dataset, self.workers, self.manifest = dataset, workers, manifest
         self.batches = 0
         self._it: Iterator | None = None
         self._it_at = -1
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self.dataset.batches_per_epoch
+    def position(self) -> int:
+        return self.batches * self.dataset.micro * self.dataset.world_size
 
     @property
     def epoch(self) -> int:
-        return self.batches // self.batches_per_epoch
+        return self.position // self.dataset.order.epoch_crops
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -259,15 +324,9 @@ class TrainStream:
             self._it_at += 1
             yield batch
 
-    def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches left in the current epoch (the same number on every rank)."""
-        it = iter(self)
-        for _ in range(self.batches_per_epoch - self.batches % self.batches_per_epoch):
-            yield next(it)
-
     def _start(self) -> None:
         self.close()
-        self.dataset.start_batch = self.batches
+        self.dataset.start = self.batches
         if self.workers == 0:
             self._it = iter(self.dataset)
         else:
@@ -277,38 +336,59 @@ class TrainStream:
         self._it_at = self.batches
 
     def close(self) -> None:
-        """Stop the worker processes (they restart on the next iteration)."""
+        """Stop the worker processes and close the shard files (they reopen on the next iteration)."""
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
+        elif it is not None:
+            it.close()  # the in-process generator: its `finally` closes the files
 
     def state_dict(self) -> dict[str, Any]:
-        d = self.dataset
-        return {"version": STATE_VERSION, "seed": d.seed, "epoch": self.epoch, "batches": self.batches,
-                "batches_per_epoch": d.batches_per_epoch, "batch_size": d.batch_size,
-                "crops_per_image": d.cpi, "world_size": d.world_size, "lanes": d.lanes, "rank": d.rank,
-                "samples": self.batches * d.batch_size,
-                "global_samples": self.batches * d.batch_size * d.world_size}
+        order = self.dataset.order
+        return {"version": STATE_VERSION, "seed": order.seed, "epoch": self.epoch, "position": self.position,
+                "global_batch": order.window, "crops_per_image": order.cpi, "samples": order.n,
+                "manifest": self.manifest}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for field in ("version", "seed", "batches", "global_samples", "world_size", "lanes", "batch_size",
-                      "crops_per_image", "batches_per_epoch"):
+    def load_state_dict(self, state: dict[str, Any], mode: str | None = None) -> None:
+        """Continue where `state` was saved (exact), or with mode/MIMO_LOADER_RESUME "continue"
+        at its crop count in this stream's order (see the module docstring)."""
+        mode = mode or os.environ.get(RESUME_ENV) or "exact"
+        if mode not in RESUME_MODES:
+            raise HarnessError(f"{RESUME_ENV}={mode!r}: expected one of {RESUME_MODES}")
+        position = self._saved_position(state, mode == "continue")
+        per_round = self.dataset.micro * self.dataset.world_size  # crops of one micro-batch per rank
+        if mode == "continue":  # start at a whole global batch
+            window = self.dataset.order.window
+            position = -(-position // window) * window
+        elif position % per_round:
+            raise HarnessError(f"loader state: position {position} is not a multiple of {per_round} crops "
+                               f"(micro batch x world size); set {RESUME_ENV}=continue to round it up")
+        self.batches = position // per_round
+        self.close()
+
+    def _saved_position(self, state: dict[str, Any], relaxed: bool) -> int:
+        hint = f"; set {RESUME_ENV}=continue to continue this order at the saved crop count instead"
+        version = state.get("version")
+        if version == 1 and "global_samples" in state:
+            if not relaxed:
+                raise HarnessError("loader state: version 1 (the shard-buffer stream of earlier versions, whose "
+                                   "order depended on the world size) cannot be continued exactly" + hint)
+            return int(state["global_samples"])
+        if version != STATE_VERSION:
+            raise HarnessError(f"loader state: version {version!r}, expected {STATE_VERSION}")
+        for field in ("seed", "position", "global_batch", "crops_per_image", "manifest"):
             if field not in state:
                 raise HarnessError(f"loader state: missing field '{field}'")
-        if state["version"] != STATE_VERSION:
-            raise HarnessError(f"loader state: version {state['version']!r}, expected {STATE_VERSION}")
-        d = self.dataset
-        d.seed = int(state["seed"])
-        same = all(state[k] == v for k, v in (("world_size", d.world_size), ("lanes", d.lanes),
-                                               ("batch_size", d.batch_size), ("crops_per_image", d.cpi),
-                                               ("batches_per_epoch", d.batches_per_epoch)))
-        if same:
-            self.batches = int(state["batches"])
-        else:
-            self.batches = int(state["global_samples"]) // (d.batch_size * d.world_size)
-            log.info("elastic loader resume: %d global samples -> batch %d of rank %d (new configuration)",
-                     state["global_samples"], self.batches, d.rank)
-        self.close()
+        order = self.dataset.order
+        for field, now, recipe_field in (("manifest", self.manifest, "data.train"),
+                                         ("global_batch", order.window, "train.global_batch"),
+                                         ("crops_per_image", order.cpi, "data.crops_per_image")):
+            if state[field] != now and not relaxed:
+                shown = (str(state[field])[:12], str(now)[:12]) if field == "manifest" else (state[field], now)
+                raise HarnessError(f"loader state: {field} {shown[0]} in the checkpoint, {shown[1]} now "
+                                   f"({recipe_field} changed)" + hint)
+        order.reseed(int(state["seed"]))
+        return int(state["position"])
 
 
 def train_loader(
@@ -322,43 +402,37 @@ def train_loader(
     world_size: int = 1,
     workers: int = 0,
     augment: bool | str | list[str] = True,
-    samples_per_epoch: int | None = None,
-    shuffle: int = 16,
+    global_batch: int | None = None,
     on_error: str = "raise",
 ) -> TrainStream:
-    """Infinite, deterministic, exactly resumable training batches for one rank.
+    """Infinite, deterministic, exactly resumable training micro-batches for one rank.
 
     `source`: a shard directory (with manifest.json), a manifest path or a webdataset URL pattern
-    (`shards/train-{000000..000009}.tar`, `pipe:...`). `samples_per_epoch`: crops per epoch over
-    all ranks (default: every image's crops once). `augment`: True = hflip (the paper), or names
-    from hflip/vflip/rot90. `shuffle`: sample shuffle-buffer size. `on_error`: "raise" or "skip"
-    for samples that fail to decode.
+    (`shards/train-{000000..000009}.tar`, `pipe:...`; remote shards are cached first, see
+    `shards.cache_shards`). `batch_size`: the micro batch of this rank; `global_batch`: the
+    optimizer step's batch over all ranks and accumulation steps (default batch_size x
+    world_size), a multiple of batch_size x world_size. `augment`: True = hflip (the paper), or
+    names from hflip/vflip/rot90. `on_error`: "raise" or "skip" for samples that fail to decode.
     """
     if not 0 <= rank < world_size:
         raise HarnessError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
-    if batch_size < 1 or crops_per_image < 1 or workers < 0 or shuffle < 1:
-        raise HarnessError("batch_size, crops_per_image and shuffle must be >= 1, workers >= 0")
+    if batch_size < 1 or crops_per_image < 1 or workers < 0:
+        raise HarnessError("batch_size and crops_per_image must be >= 1, workers >= 0")
+    global_batch = global_batch or batch_size * world_size
+    if global_batch % (batch_size * world_size):
+        raise HarnessError(f"global_batch {global_batch}: expected a multiple of batch_size {batch_size} x "
+                           f"world_size {world_size}")
     if on_error not in ("raise", "skip"):
         raise HarnessError(f"on_error {on_error!r}: expected 'raise' or 'skip'")
     crop, augs = C.crop_size(crop), C.parse_augment(augment)
-    urls, counts = resolve_source(source)
-    if not urls:
-        raise HarnessError(f"{source}: no shards")
-    per_global_batch = batch_size * world_size
-    if samples_per_epoch:
-        n = max(1, samples_per_epoch // per_global_batch)
-    elif counts is not None:
-        n = max(1, math.ceil(sum(counts) * crops_per_image / per_global_batch))
-    else:
-        n = DEFAULT_EPOCH_BATCHES
-    lanes = max(workers, 1)
-    if len(urls) < world_size * lanes:
-        log.warning("%d shard(s) for %d ranks x %d workers: some share shards; pack more, smaller shards",
-                    len(urls), world_size, lanes)
-    dataset = TrainDataset(urls, crop=crop, crops_per_image=crops_per_image, batch_size=batch_size,
-                           seed=seed, rank=rank, world_size=world_size, lanes=lanes, augs=augs,
-                           batches_per_epoch=n, shuffle=shuffle, on_error=on_error)
-    return TrainStream(dataset, workers)
+    urls, paths, index = index_source(source)
+    n = sum(len(entries) for entries in index)
+    if n == 0:
+        raise HarnessError(f"{source}: no samples in {len(paths)} shard(s)")
+    order = Order(n, seed=seed, crops_per_image=crops_per_image, global_batch=global_batch)
+    dataset = TrainDataset(urls, paths, index, order, crop=crop, augs=augs, micro=batch_size, rank=rank,
+                           world_size=world_size, on_error=on_error)
+    return TrainStream(dataset, workers, manifest_identity(index))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -383,14 +457,11 @@ class EvalDataset(IterableDataset):
     def _samples(self, lo: int, hi: int):
         start = 0
         for url, count in zip(self.urls, self.counts):
-            if start < hi and lo < start + count:
-                for i, raw in enumerate(iter_shard(url)):
-                    if start + i >= hi:
-                        break
-                    if start + i >= lo:  # samples before the slice are read, never decoded
-                        item = self._decode(url, raw)
-                        if item is not None:
-                            yield item
+            if start < hi and lo < start + count:  # local shards: only the slice's samples are read
+                for raw in iter_shard(url, max(lo - start, 0), min(hi - start, count)):
+                    item = self._decode(url, raw)
+                    if item is not None:
+                        yield item
             start += count
 
     def _decode(self, url: str, raw: dict[str, Any]):

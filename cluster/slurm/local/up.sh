@@ -9,11 +9,16 @@
 # then starts our own munged, slurmctld and one slurmd per node. All state, sockets, logs and
 # pid files live in STATE_DIR; anything a previous (crashed) run left there is stopped first.
 # Ports: free ones are picked unless CTLD_PORT / N1_PORT / N2_PORT are set.
+# Separate hosts (hosts-up.sh sets these): N1_ADDR / N2_ADDR are the nodes' NodeAddr (default
+# 127.0.0.1), N1_NETNS / N2_NETNS the network namespaces their slurmd run in; slurmctld runs in
+# N1_NETNS at N1_ADDR.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="$(realpath -m "${1:-${MIMO_SLURM_STATE:-/tmp/mimo-slurm}}")"
 WAIT_S="${WAIT_S:-30}"
+N1_ADDR="${N1_ADDR:-127.0.0.1}" N2_ADDR="${N2_ADDR:-127.0.0.1}"
+N1_NETNS="${N1_NETNS:-}" N2_NETNS="${N2_NETNS:-}"
 
 die() { echo "slurm-local: $*" >&2; exit 1; }
 # Exit 3: Slurm cannot be installed here at all (tests skip with this reason instead of failing).
@@ -41,9 +46,19 @@ start_munge() {
         || die "munged failed to start (see $dir/munged.log)"
 }
 
+# $1: network namespace ("" = this one), then the command to run in it. nsenter, not `ip netns
+# exec`: that also remounts /sys, hiding the cgroup filesystem slurmd insists on.
+in_netns() {
+    local ns="$1"; shift
+    if [[ -n "$ns" ]]; then nsenter --net="/run/netns/$ns" "$@"; else "$@"; fi
+}
+
 write_conf() {
-    local host; host="$(hostname -s)"
-    sed -e "s|@HOSTNAME@|$host|g" -e "s|@STATE@|$STATE|g" \
+    local host ctld; host="$(hostname -s)"
+    # In a namespace the controller is reached at n1's address, not at what the host name resolves to.
+    ctld="$host"; [[ -n "$N1_NETNS" ]] && ctld="$host($N1_ADDR)"
+    sed -e "s|@CTLD_HOST@|$ctld|g" -e "s|@HOSTNAME@|$host|g" -e "s|@STATE@|$STATE|g" \
+        -e "s|@N1_ADDR@|$N1_ADDR|g" -e "s|@N2_ADDR@|$N2_ADDR|g" \
         -e "s|@CTLD_PORT@|${CTLD_PORT:-$(free_port)}|g" \
         -e "s|@N1_PORT@|${N1_PORT:-$(free_port)}|g" -e "s|@N2_PORT@|${N2_PORT:-$(free_port)}|g" \
         "$HERE/slurm.conf.in" > "$STATE/slurm.conf.tmp"
@@ -54,10 +69,10 @@ wait_idle() {
     # Both nodes idle, or a bounded failure that shows the logs.
     local deadline=$((SECONDS + WAIT_S))
     while (( SECONDS < deadline )); do
-        [[ "$(sinfo -h -N -o '%N %t' 2>/dev/null | grep -c ' idle$')" == 2 ]] && return 0
+        [[ "$(in_netns "$N1_NETNS" sinfo -h -N -o '%N %t' 2>/dev/null | grep -c ' idle$')" == 2 ]] && return 0
         sleep 0.5
     done
-    sinfo -N >&2 || true
+    in_netns "$N1_NETNS" sinfo -N >&2 || true
     tail -n 20 "$STATE"/log/*.log >&2 || true
     die "nodes n1, n2 not idle after ${WAIT_S}s"
 }
@@ -71,7 +86,8 @@ chmod 0755 "$STATE"
 start_munge
 write_conf
 export SLURM_CONF="$STATE/slurm.conf"
-slurmctld || die "slurmctld failed (see $STATE/log/slurmctld.log)"
-for node in n1 n2; do slurmd -N "$node" || die "slurmd -N $node failed (see $STATE/log/slurmd-$node.log)"; done
+in_netns "$N1_NETNS" slurmctld || die "slurmctld failed (see $STATE/log/slurmctld.log)"
+in_netns "$N1_NETNS" slurmd -N n1 || die "slurmd -N n1 failed (see $STATE/log/slurmd-n1.log)"
+in_netns "$N2_NETNS" slurmd -N n2 || die "slurmd -N n2 failed (see $STATE/log/slurmd-n2.log)"
 wait_idle
 echo "export SLURM_CONF=$SLURM_CONF"
