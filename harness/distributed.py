@@ -7,6 +7,7 @@ them; a plain `python harness/train.py` becomes a world of one on a free loopbac
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -243,6 +244,17 @@ def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
+
+
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to the destructors, gloo's
+    threads can abort the process ("terminate called without an active exception", exit -6)
+    after a clean one-line error, and the launcher then reports a crash."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 if __name__ == "__main__":
     # `python -m harness.distributed ifname ADDR`: the interface toward ADDR, for launch scripts

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"train: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     if summary.get("stopped"):
         print(f"train: stopped by signal at step {summary['final_step']}, checkpoint saved", file=sys.stderr)
     _say_unsent(Path(summary["run_dir"]))
