@@ -20,7 +20,7 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # benchmarks run as scripts from anywhere
     sys.path.insert(0, str(REPO))
 
-from harness.io import atomic_write  # noqa: E402
+from harness.files import atomic_write  # noqa: E402
 
 
 # The 1-minute load average when the benchmark started: other work sharing the machine shows here

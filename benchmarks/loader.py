@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from common import row, speedups, write_report  # noqa: E402  (puts the repo on sys.path)
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from harness.io import load_rgb_array  # noqa: E402
+from harness.files import load_rgb_array  # noqa: E402
 
 # Both loaders get epochs as long as GoPro's train split, so that what happens once an epoch (the
 # stream's shuffle buffers refill, the DataLoader's workers drain and restart the sampler) weighs

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from common import result_path, row, speedups, write_report  # noqa: E402
 from train_throughput import make_data, trainer_recipe  # noqa: E402
 
-from harness.io import atomic_write  # noqa: E402
+from harness.files import atomic_write  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 QUICK = dict(model="mimo-unet", overrides={"num_res": 1, "base_channels": 8}, crop=32, batch=4, steps=20,

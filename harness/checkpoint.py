@@ -33,7 +33,7 @@ from pathlib import Path
 
 from harness import distributed
 from harness.errors import HarnessError
-from harness.io import atomic_write
+from harness.files import atomic_write
 
 COMPLETE = "COMPLETE"
 EMA_FILE = "ema.pkl"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.io import atomic_write, read_image
+from harness.files import atomic_write, read_image
 from harness.metrics import psnr, ssim
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

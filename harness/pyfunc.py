@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from harness.errors import HarnessError
-from harness.io import to_uint8
+from harness.files import decode_rgb8, png_bytes, to_float, to_uint8
 
 try:
     from mlflow.pyfunc import PythonModel
@@ -31,32 +29,20 @@ WEIGHTS_ARTIFACT = "weights"
 
 
 def encode_png(chw) -> bytes:
-    """CHW float tensor in [0,1] -> PNG bytes (8-bit, rounded like `harness.io.write_image`)."""
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(chw)).save(buf, format="PNG")
-    return buf.getvalue()
+    """CHW float tensor in [0,1] -> PNG bytes (8-bit, rounded like `harness.files.write_image`)."""
+    return png_bytes(to_uint8(chw))
 
 
 def decode_image(data: bytes | str, row: int = 0):
     """Encoded image bytes (or base64 text) -> CHW float32 tensor in [0,1]; HarnessError naming the row."""
-    import torch
-
     if isinstance(data, str):
         try:
             data = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise HarnessError(f"{IMAGE_COLUMN}[{row}]: text is not base64-encoded image bytes") from None
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            img.load()
-            if img.mode != "RGB":
-                raise HarnessError(f"{IMAGE_COLUMN}[{row}]: expected an 8-bit RGB image, got mode {img.mode}")
-            arr = np.asarray(img, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
-        raise HarnessError(
-            f"{IMAGE_COLUMN}[{row}]: not a readable image ({exc.__class__.__name__})"
-        ) from None
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise HarnessError(f"{IMAGE_COLUMN}[{row}]: expected encoded image bytes, got {type(data).__name__}")
+    return to_float(decode_rgb8(data, f"{IMAGE_COLUMN}[{row}]"))
 
 
 class DeblurModel(PythonModel):
@@ -108,9 +94,8 @@ def signature_and_example():
     schema = Schema([ColSpec(DataType.binary, IMAGE_COLUMN)])
     # 6x10: not a multiple of 4, so the example also exercises the padding.
     rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return ModelSignature(inputs=schema, outputs=schema), pd.DataFrame({IMAGE_COLUMN: [buf.getvalue()]})
+    example = png_bytes(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8))
+    return ModelSignature(inputs=schema, outputs=schema), pd.DataFrame({IMAGE_COLUMN: [example]})
 
 
 def pip_requirements() -> list[str]:

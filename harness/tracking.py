@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.io import atomic_write
+from harness.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def triptych_image(blur, restored, sharp, caption: str):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from harness.io import to_uint8
+    from harness.files import to_uint8
 
     row = np.concatenate([to_uint8(t) for t in (blur, restored, sharp)], axis=1)
     canvas = Image.new("RGB", (row.shape[1], row.shape[0] + 12), "black")

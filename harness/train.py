@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 
 from harness import checkpoint, distributed  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.io import atomic_write  # noqa: E402
+from harness.files import atomic_write  # noqa: E402
 from harness.lock import RunLock  # noqa: E402
 from harness.recipe import (  # noqa: E402
     Recipe,

@@ -41,7 +41,7 @@ from typing import Any  # noqa: E402
 import yaml  # noqa: E402
 
 from harness.errors import HarnessError  # noqa: E402
-from harness.io import atomic_write  # noqa: E402
+from harness.files import atomic_write  # noqa: E402
 from harness.recipe import (  # noqa: E402
     Recipe,
     apply_overrides,

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from harness.cli import main
+from harness.files import load_rgb_array, read_image, to_uint8
 from harness.infer import deblur, folder_pairs
-from harness.io import load_rgb_array, read_image, to_uint8
 from harness.metrics import psnr
 from harness.models import create_model, load_weights, save_weights
 

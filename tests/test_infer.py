@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.files import read_image
 from harness.infer import (
     EvalResult,
     Pair,
@@ -25,7 +26,6 @@ from harness.infer import (
     resolve_device,
     rot4_ensemble,
 )
-from harness.io import read_image
 from harness.metrics import psnr, ssim
 from harness.models import create_model
 

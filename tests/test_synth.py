@@ -12,7 +12,7 @@ from PIL import Image
 
 from harness.data.synth import synth_pair, synthesize
 from harness.errors import HarnessError
-from harness.io import load_rgb_array
+from harness.files import load_rgb_array
 from harness.metrics import psnr
 
 

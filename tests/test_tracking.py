@@ -20,8 +20,8 @@ from PIL import Image
 
 from harness.cli import main as mimo
 from harness.errors import HarnessError
+from harness.files import to_uint8
 from harness.infer import deblur
-from harness.io import to_uint8
 from harness.models import create_model, model_from_checkpoint, read_checkpoint, save_weights
 from harness.tracking import (
     CHAMPION,

@@ -146,8 +146,8 @@ def _check_collisions(jobs: list[tuple[Path, Path]]) -> None:
 def run_deblur(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from harness.files import read_image, write_image
     from harness.infer import deblur
-    from harness.io import read_image, write_image
 
     jobs = plan_outputs(Path(args.input), Path(args.output))
     first = read_image(jobs[0][0])  # fail on a bad input before the (slow) model load
@@ -185,7 +185,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    from harness.io import atomic_write
+    from harness.files import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")

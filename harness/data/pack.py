@@ -33,7 +33,7 @@ from harness.data.shards import (
 )
 from harness.data.sources import PairInfo, PairSource
 from harness.errors import HarnessError
-from harness.io import atomic_write
+from harness.files import atomic_write, decode_rgb8, png_bytes
 
 DEFAULT_SHARD_BYTES = 1 << 30
 _TAR_OVERHEAD = 3 * 1024 + 512  # three member headers + padding + meta.json, roughly
@@ -251,10 +251,10 @@ def _payload(path: Path, convert: bool, encoding: str) -> bytes:
     try:
         if encoding == "png" and not convert:
             return path.read_bytes()  # the original bytes: no re-encode, no quality change
-        arr = sources.load_rgb8(path)
-    except (OSError, ValueError, SyntaxError) as exc:
+        arr = decode_rgb8(path, convert=True)
+    except OSError as exc:
         raise HarnessError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-    return encode_npy(arr) if encoding == "raw" else sources.png_bytes(arr)
+    return encode_npy(arr) if encoding == "raw" else png_bytes(arr)
 
 
 def _remove_stale(out: Path, split: str, n_shards: int) -> None:

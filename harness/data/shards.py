@@ -24,7 +24,7 @@ import numpy as np
 
 from harness import __version__
 from harness.errors import HarnessError
-from harness.io import atomic_write
+from harness.files import atomic_write
 
 FORMAT = "mimo-shards"
 FORMAT_VERSION = 1

@@ -6,12 +6,9 @@ naming the file(s).
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from harness.data.shards import make_key
 from harness.errors import HarnessError
@@ -174,25 +171,3 @@ def _describe(path: Path) -> str:
     with Image.open(path) as img:
         deep = ";16" in str(img.tile[0][3]) if img.tile else False
         return f"mode {img.mode}{' 16-bit' if deep and img.mode == 'RGB' else ''}"
-
-
-def load_rgb8(path: Path) -> np.ndarray:
-    """Decode any supported image to uint8 HxWx3: alpha dropped, grey repeated, 16-bit scaled."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, don't clip
-            arr = np.asarray(img).astype(np.float64)
-            top = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
-            grey = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-            return np.repeat(grey[..., None], 3, axis=2)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()

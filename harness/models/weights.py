@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.io import atomic_write
+from harness.files import atomic_write
 from harness.models.mimo_unet import MODEL_NAMES, create_model, unwrap_model
 
 RESERVED_KEYS = ("model", "model_name", "model_overrides")
