@@ -1,4 +1,4 @@
-"""Torn-checkpoint-safe DeepSpeed checkpoints, elastic resume and export (design.md §6).
+"""Torn-checkpoint-safe DeepSpeed checkpoints, elastic resume and export (docs/design.md §6).
 
 Layout under `<run_dir>/checkpoints/`:
   step00000020/            DeepSpeed files of every rank (+ ema.pkl), then COMPLETE last
@@ -54,7 +54,7 @@ def tag_for(step: int) -> str:
 
 
 def save(engine, ckpt_dir: Path, step: int, *, shared: dict, per_rank: dict, keep: int | None,
-         ema_model=None, best: bool = False, protect: str | None = None) -> Path:
+         ema=None, best: bool = False, protect: str | None = None) -> Path:
     """Save on every rank (collective); returns the tag directory once it is complete.
 
     `keep=None` prunes nothing. `protect`: a tag pruning must keep (the one this run resumed
@@ -74,10 +74,8 @@ def save(engine, ckpt_dir: Path, step: int, *, shared: dict, per_rank: dict, kee
     failure = None
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        if engine.global_rank == 0 and ema_model is not None:
-            from harness.models import save_weights
-
-            save_weights(ema_model, tag_dir / EMA_FILE)
+        if engine.global_rank == 0 and ema is not None:
+            ema.save(tag_dir / EMA_FILE)
     except (OSError, RuntimeError) as exc:  # disk full surfaces as "basic_ios::clear: iostream error"
         failure = _save_failure(ckpt_dir, tag, exc)
     _agree(failure, cleanup=tag_dir if engine.global_rank == 0 else None)
@@ -356,13 +354,6 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict, bool]
     entries = client["per_rank"]
     same_world = client["world_size"] == engine.world_size
     return client, entries[min(rank, len(entries) - 1)], same_world
-
-
-def load_ema(ema_model, tag_dir: Path) -> None:
-    from harness.models import load_weights
-
-    if (tag_dir / EMA_FILE).is_file():
-        load_weights(ema_model, tag_dir / EMA_FILE)
 
 
 # ----------------------------------------------------------------------------- export

@@ -28,7 +28,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
 
 
 def _cleanup_shm(before: set[str]) -> None:
-    # DeepSpeed's CPU all-reduce leaves 66 MB per rank in /dev/shm (design.md §6).
+    # DeepSpeed's CPU all-reduce leaves 66 MB per rank in /dev/shm (docs/design.md §6).
     for path in set(map(str, Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))) - before:
         Path(path).unlink(missing_ok=True)
 

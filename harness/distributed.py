@@ -1,7 +1,7 @@
 """Process-group setup for every launcher: deepspeed, torchrun, Slurm srun, Ray Train, plain python.
 
 DeepSpeed and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
-`deepspeed.init_distributed` does not read SLURM_* (design.md §6), so under srun we derive
+`deepspeed.init_distributed` does not read SLURM_* (docs/design.md §6), so under srun we derive
 them; a plain `python harness/train.py` becomes a world of one on a free loopback port.
 """
 
@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,19 @@ def shutdown() -> None:
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+    _remove_shm_buffer()
+
+
+def _remove_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce leaves a ~66 MB /dev/shm file per rank
+    (`deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<local rank>`, docs/design.md §6): each
+    rank removes its own at exit; peers keep their mappings, so this is safe at any moment."""
+    port, local = os.environ.get("MASTER_PORT"), os.environ.get("LOCAL_RANK")
+    if not port or local is None:
+        return
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{local}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 if __name__ == "__main__":
     # `python -m harness.distributed ifname ADDR`: the interface toward ADDR, for launch scripts

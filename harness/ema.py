@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,3 +28,16 @@ class EMA:
                 avg.lerp_(value.to(avg.dtype), 1.0 - self.decay)
             else:
                 avg.copy_(value)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """The averaged weights as a public weights file (`mimo export --ema` copies it as is)."""
+        from harness.models import save_weights
+
+        return save_weights(self.model, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore the average from `path` when the checkpoint has one (else keep the current)."""
+        from harness.models import load_weights
+
+        if Path(path).is_file():
+            load_weights(self.model, path)

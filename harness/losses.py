@@ -1,4 +1,4 @@
-"""Multi-scale content + frequency reconstruction loss of MIMO-UNet (design.md §2).
+"""Multi-scale content + frequency reconstruction loss of MIMO-UNet (docs/design.md §2).
 
     L = sum_k w_k * ( mean|S_k - gt_k|  +  fft_weight * mean|FFT(S_k) - FFT(gt_k)| )
 

@@ -7,7 +7,12 @@ fp16 uses DeepSpeed's dynamic loss scaling (loss_scale 0).
 
 from __future__ import annotations
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+from typing import Literal, get_args
+
+from harness.errors import HarnessError
+
+Precision = Literal["bf16", "fp16", "fp32"]  # the recipe's train.precision, --precision of the CLIs
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def deepspeed_precision(precision: str) -> dict:
@@ -18,8 +23,11 @@ def deepspeed_precision(precision: str) -> dict:
     }
 
 
-def input_dtype(precision: str):
-    """dtype of the tensors fed to the DeepSpeed-wrapped model."""
+def dtype_of(precision: str):
+    """The torch dtype of a precision name (the only such map); HarnessError for another name."""
     import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision not in dtypes:
+        raise HarnessError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return dtypes[precision]

@@ -16,8 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from harness.data.shards import is_url
+from harness.data.shards import expand_pattern, is_url, source_urls
 from harness.errors import HarnessError
+from harness.precision import Precision
 
 
 class _Section(BaseModel):
@@ -74,7 +75,7 @@ class TrainCfg(_Section):
     epochs: float | None = Field(None, gt=0)
     # Training pairs per epoch; None = read the count from the train shards' manifest.
     epoch_size: int | None = Field(None, ge=1)
-    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    precision: Precision = "fp32"
     # ZeRO 1/2 only: their overflow check is what skips a non-finite step on every rank, and
     # stage 3 would partition the weights that EMA and validation read.
     zero_stage: Literal[1, 2] = 1
@@ -84,6 +85,8 @@ class TrainCfg(_Section):
     max_nonfinite: int = Field(20, ge=1)  # abort after this many non-finite steps in a row
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per rank (None: cores / local ranks)
     log_every: int = Field(10, ge=1)  # steps between log.jsonl records
+    # info: the harness's own lines (scores, end-of-run block, tracking); verbose: library logs too
+    log_level: Literal["info", "verbose"] = "info"
     # Speed switches (benchmarks/README.md has the numbers): NHWC (channels_last) activations, and
     # torch.compile of the model (minutes of compilation up front; pays off on long GPU runs).
     channels_last: bool = False
@@ -122,6 +125,9 @@ class TrackingCfg(_Section):
     log_every: int = Field(10, ge=1)
     images_every: int = Field(1, ge=1)  # every N-th validation logs triptychs
     system_metrics: bool = False
+    # The MLflow run this run nests under (a tune experiment's parent run), and extra run tags.
+    parent_run_id: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class Recipe(_Section):
@@ -162,14 +168,43 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; data paths are resolved against the recipe or CWD."""
+    """Read, override and validate a recipe; data paths are resolved against the recipe or CWD.
+
+    A recipe may be `base: other.yaml` + `overrides: [key.path=value, ...]` (+ `name:`), the
+    form tune recipes use: the base (itself possibly based on another) with those overrides."""
     path = Path(path)
-    raw = read_yaml_mapping(path, "recipe")
-    raw = apply_overrides(raw, overrides, path)
+    raw = apply_overrides(_read_with_base(path), overrides, path)
     raw.setdefault("name", path.stem)
     recipe = recipe_from_dict(raw, str(path))
     _resolve_data_paths(recipe, path.parent)
     return recipe
+
+
+BASE_KEYS = {"base", "overrides", "name"}  # what a recipe with `base:` may hold
+
+
+def _read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    raw = read_yaml_mapping(path, "recipe")
+    if "base" not in raw:
+        return raw
+    if path.resolve() in seen:
+        raise HarnessError(f"{path}: base: {raw['base']} leads back to {path.name} (a cycle of bases)")
+    extra = sorted(set(raw) - BASE_KEYS, key=str)
+    if extra:
+        raise HarnessError(f"{path}: {extra[0]}: a recipe with `base:` holds only base, overrides and name "
+                           "(write changes as overrides: [key.path=value, ...])")
+    merged = _read_with_base(path.parent / str(raw["base"]), (*seen, path.resolve()))
+    merged.pop("name", None)  # the derived recipe is named after its own file unless it says
+    if "name" in raw:
+        merged["name"] = raw["name"]
+    return apply_overrides(merged, override_list(raw.get("overrides") or [], path), path)
+
+
+def override_list(value: Any, path: Path | str) -> list[str]:
+    """The `overrides:` of a recipe with `base:` (training or tune): a list of key.path=value strings."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise HarnessError(f"{path}: overrides: expected a list of 'key.path=value' strings")
+    return value
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
@@ -177,14 +212,26 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        raise HarnessError(f"{source}: {field}: {msg}") from None
+        raise HarnessError(f"{source}: {error_line(exc)}") from None
     recipe._source = source
     return recipe
+
+
+UNION_TAGS = {"distribution", "constant", "elements"}  # tags of tagged unions: not part of a field's path
+
+
+def error_line(exc: ValidationError, prefix: str = "", *, with_input: bool = False) -> str:
+    """The first error of a pydantic validation as `field.path: what is wrong` (one line);
+    `with_input` names the value given for a choice (`'hyperband', expected 'asha' or 'none'`)."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"] if p not in UNION_TAGS)
+    field = f"{prefix}.{field}" if prefix and field else (prefix or field or "(top level)")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "literal_error" and with_input:
+        msg = f"{err['input']!r}, {msg.replace('Input should be', 'expected')}"
+    return f"{field}: {msg}"
 
 
 def apply_overrides(raw: dict, overrides, source: Path | str = "<recipe>") -> dict:
@@ -218,7 +265,7 @@ def dump_recipe(recipe: Recipe) -> str:
 # (model, loss, optimizer, schedule shape, data, crop, batch, precision, seed, deepspeed...)
 # defines what the weights are trained on or with, and refuses a resume.
 RESUME_MAY_CHANGE = (
-    "name", "train.steps", "train.epochs", "train.micro_batch", "train.log_every", "train.threads",
+    "name", "train.steps", "train.epochs", "train.micro_batch", "train.log_every", "train.log_level", "train.threads",
     "train.max_nonfinite", "train.compile", "eval.every", "eval.images", "eval.test_every",
     # how numbers are scored and reported, not what the weights are trained on
     "eval.precision", "eval.ensemble", "eval.batch", "data.test",
@@ -266,13 +313,7 @@ def _resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
 
 
 def _local_exists(source: str) -> bool:
-    return all(Path(p).exists() for p in _expand(source))
-
-
-def _expand(source: str) -> list[str]:
-    from braceexpand import braceexpand  # webdataset's own dependency
-
-    return list(braceexpand(source))
+    return all(Path(p).exists() for p in expand_pattern(source))
 
 
 def check_data(recipe: Recipe) -> None:
@@ -281,7 +322,7 @@ def check_data(recipe: Recipe) -> None:
         value = getattr(recipe.data, field)
         if value is None or is_url(value):
             continue
-        paths = [Path(p) for p in _expand(value)]
+        paths = [Path(p) for p in expand_pattern(value)]
         if len(paths) == 1 and paths[0].is_dir():
             paths = _manifest_shards(recipe, field, paths[0])
         missing = [p for p in paths if not p.is_file()]
@@ -294,13 +335,10 @@ def check_data(recipe: Recipe) -> None:
 
 
 def _manifest_shards(recipe: Recipe, field: str, directory: Path) -> list[Path]:
-    from harness.data import shards
-
     try:
-        manifest = shards.load_manifest(directory)
+        return [Path(u) for u in source_urls(directory)[0]]
     except HarnessError as exc:
         raise HarnessError(f"{recipe.source}: data.{field}: {exc}") from None
-    return [Path(u) for u in shards.shard_urls(directory, manifest)]
 
 
 def dataset_size(source: str) -> int | None:

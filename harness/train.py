@@ -8,32 +8,21 @@ Also runs as `python harness/train.py ...` (one process), under torchrun, srun a
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import signal
 import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script: put the repo root (not harness/, whose io.py & co would shadow
-    # stdlib/third-party modules) on sys.path, then run the importable module's main.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-    from harness.train import main as _main
-
-    sys.exit(_main())
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from harness import checkpoint, distributed  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
-from harness.files import atomic_write  # noqa: E402
-from harness.lock import RunLock  # noqa: E402
-from harness.recipe import (  # noqa: E402
+from harness import checkpoint, console, distributed
+from harness.errors import HarnessError
+from harness.files import atomic_write
+from harness.lock import RunLock
+from harness.recipe import (
     Recipe,
     batch_split,
     check_data,
@@ -54,24 +43,38 @@ WEIGHTS = "weights.pkl"
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="harness/train.py", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `harness/train.py` and `mimo train` (one definition for both)."""
     p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
-    p.add_argument("--run-dir", help="output directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--run-dir", help="output directory (default runs/<recipe name>-<timestamp>)")
     p.add_argument("--resume", default="auto",
                    help="auto (newest complete checkpoint in the run dir), never, or a checkpoint tag dir")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and DeepSpeed config")
     p.add_argument("--dry-run", action="store_true", help="validate recipe, shards and run dir, then exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' log lines too (same as train.log_level=verbose)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="harness/train.py", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_intermixed_args(argv)
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    """runs/<recipe name>-<timestamp>: where a run goes without --run-dir."""
+    return Path(f"runs/{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    overrides = [*args.overrides, *(["train.log_level=verbose"] if args.verbose else [])]
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, overrides)
+        console.setup(verbose=recipe.train.log_level == "verbose", is_main=_env_rank() == 0)
         if args.print_recipe:
             print(describe(recipe, world_size))
             return 0
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(recipe, run_dir, resume=args.resume)
     except HarnessError as exc:
         # Every rank fails the same check; one line from rank 0 is enough.
-        if os.environ.get("RANK", "0") == "0":
+        if _env_rank() == 0:
             print(f"train: error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -98,9 +101,13 @@ def _say_unsent(run_dir: Path) -> None:
     """The last line, when tracking records are still unsent (the server never came back)."""
     from harness.tracking import OFFLINE_FILE
 
-    if os.environ.get("RANK", "0") == "0" and (run_dir / OFFLINE_FILE).is_file():
+    if _env_rank() == 0 and (run_dir / OFFLINE_FILE).is_file():
         print(f"train: tracking records not sent yet are in {run_dir / OFFLINE_FILE}; send them with "
               f"`mimo tracking replay {run_dir}`", file=sys.stderr, flush=True)
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def describe(recipe: Recipe, world_size: int) -> str:
@@ -143,8 +150,12 @@ class State:
     skipped: int = 0
     best_psnr: float = -math.inf
     best_step: int = -1
-    mlflow_run_id: str | None = None
     validations: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> State:
+        # Checkpoints before the tracker saved its own state kept the MLflow run id here.
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
 
 class Run:
@@ -154,13 +165,16 @@ class Run:
         import torch
 
         self.recipe, self.callbacks = recipe, callbacks
-        self.world = distributed.init()
+        with console.quiet_prints(recipe.train.log_level != "verbose"):  # DeepSpeed's op-build lines
+            self.world = distributed.init()
         torch.set_num_threads(recipe.train.threads or _default_threads())
         self.run_dir = _agree_run_dir(run_dir, recipe, self.world)
         self.ckpt_dir = checkpoint.checkpoint_dir(self.run_dir)
         self.micro, self.accum = batch_split(recipe, self.world.size)
         self.total = total_steps(recipe)
         self.state = State()
+        self.saved_tracker: dict = {}  # the tracker's state_dict from the resumed checkpoint
+        self.scores: dict[str, dict] = {}  # the last validation and test score, for the end-of-run block
         self.stop_requested = False  # the loop stopped early (signal): checkpointed, not finished
         self.stop_requested_by_signal = False  # set by the SIGTERM/SIGUSR1 handler
         # Rank 0 locks the run dir for the run's life; then it picks and checks the checkpoint
@@ -252,14 +266,15 @@ class Run:
 
     def _restore(self, tag: str) -> dict | None:
         client, entry, same_world = checkpoint.load(self.engine, self.ckpt_dir, tag, self.world.rank)
-        self.state = State(**client["state"])
+        self.state = State.from_dict(client["state"])
+        self.saved_tracker = client.get("tracker") or {"run_id": client["state"].get("mlflow_run_id")}
         if same_world:
             distributed.set_rng_state(entry["rng"])
         else:
             # Elastic resume: RNG streams cannot map onto another world; derive fresh ones.
             distributed.seed_everything(self.recipe.train.seed + self.state.step, self.world.rank)
         if self.ema is not None:
-            checkpoint.load_ema(self.ema.model, self.ckpt_dir / tag)
+            self.ema.load(self.ckpt_dir / tag / checkpoint.EMA_FILE)
         self.log_event("resumed", tag=tag, world_size=self.world.size, saved_world_size=client["world_size"],
                        loss_scale=_loss_scale(self.engine))
         return entry["loader"]
@@ -281,8 +296,7 @@ class Run:
         from harness.tracking import Tracker, dataset_tags
 
         self.tracker = Tracker.create(self.recipe.tracking, self.run_dir, rank=self.world.rank,
-                                      resume_run_id=self.state.mlflow_run_id)
-        self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
+                                      resume_run_id=self.saved_tracker.get("run_id"))
         if self.state.step == 0:
             self.tracker.log_params({**self.recipe.model_dump(mode="json"), "world_size": self.world.size,
                                      "gradient_accumulation": self.accum, "total_steps": self.total})
@@ -373,9 +387,9 @@ class Run:
         at log steps only) and the seconds spent waiting for data.
         """
         from harness.losses import mimo_loss
-        from harness.precision import input_dtype
+        from harness.precision import dtype_of
 
-        r, dtype = self.recipe, input_dtype(self.recipe.train.precision)
+        r, dtype = self.recipe, dtype_of(self.recipe.train.precision)
         loss_sum, parts_sum, wait = 0.0, {}, 0.0
         for _ in range(self.accum):
             t0 = time.perf_counter()
@@ -436,6 +450,15 @@ class Run:
             self.tracker.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float))},
                                      step=self.state.step)
 
+    def say_score(self, kind: str, m: dict) -> None:
+        """One console line per validation/test score (rank 0), above the progress bar."""
+        m = {**m, "step": self.state.step}
+        self.scores[kind] = m
+        if self.world.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(console.score_line(kind, self.state.step, self.total, m), file=sys.stderr)
+
     def log_event(self, event: str, **fields) -> None:
         """Append one JSON line to <run_dir>/log.jsonl (rank 0 only)."""
         if not self.world.is_main:
@@ -454,6 +477,8 @@ class Run:
         # Recorded before the checkpoint, whose save persists the tracking queue: a run killed
         # right after it resumes past this validation and would never log it again.
         self.log_event("validation", step=self.state.step, **metrics, **settings)
+        self.say_score("val", {"psnr": metrics["val_psnr"], "ssim": metrics["val_ssim"],
+                               "blurred_psnr": metrics["blurred_psnr"], "images": metrics["val_images"], **settings})
         self.tracker.log_metrics({**metrics, "val_seconds_per_image": settings["seconds_per_image"]},
                                  step=self.state.step)
         tag_dir = self.save(best=improved)
@@ -479,6 +504,9 @@ class Run:
         metrics = {"test_psnr": scores[0], "test_ssim": scores[1], "test_blurred_psnr": scores[2],
                    "test_blurred_ssim": scores[3], "test_images": int(scores[4])}
         self.log_event("test", step=self.state.step, **metrics, **settings)
+        self.say_score("test", {"psnr": metrics["test_psnr"], "ssim": metrics["test_ssim"],
+                                "blurred_psnr": metrics["test_blurred_psnr"], "blurred_ssim": metrics["test_blurred_ssim"],
+                                "images": metrics["test_images"], **settings})
         self.tracker.log_metrics({**metrics, "test_seconds_per_image": settings["seconds_per_image"]},
                                  step=self.state.step)
         self.test_metrics = {**metrics, **settings}
@@ -536,18 +564,19 @@ class Run:
         return weights
 
     def save(self, *, best: bool) -> Path:
-        # The MLflow run may only have been created after start (server down then): keep its id.
-        self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
-        shared = {"state": asdict(self.state), "recipe": self.recipe.model_dump(mode="json")}
+        # Each part saves its own state: the loop counters, the tracker (its MLflow run id; during
+        # an outage its queue goes to the offline file, so a kill from here on loses no record),
+        # every rank's loader position, the EMA weights.
+        shared = {"state": asdict(self.state), "recipe": self.recipe.model_dump(mode="json"),
+                  "tracker": self.tracker.state_dict()}
         prune = self.state.step == 0 or self.engine.was_step_applied()
         tag_dir = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, shared=shared,
                                   per_rank={"loader": self.loader.state_dict()},
                                   # Mid-way through non-finite (skipped) steps, no older tag is deleted.
                                   keep=self.recipe.checkpoint.keep if prune else None,
-                                  ema_model=self.ema.model if self.ema else None, best=best,
+                                  ema=self.ema, best=best,
                                   protect=self._protect)
         self._protect = None  # the resumed tag is prunable once a newer one is complete
-        self.tracker.persist()  # records queued during a tracking outage survive a kill from here on
         self.log_event("checkpoint", step=self.state.step, tag=tag_dir.name)
         return tag_dir
 
@@ -569,7 +598,7 @@ class Run:
                    "best_step": self.state.best_step if self.state.best_step >= 0 else None,
                    "skipped_steps": self.state.skipped, "world_size": self.world.size, **perf,
                    "checkpoint": None, "run_dir": str(self.run_dir),
-                   "mlflow_run_id": self.tracker.run_id or self.state.mlflow_run_id}
+                   "mlflow_run_id": self.tracker.run_id or self.saved_tracker.get("run_id")}
         if self.world.is_main and not self.stop_requested:
             weights = checkpoint.export(self.run_dir, self.run_dir / WEIGHTS, ema=self.ema is not None)
             summary["checkpoint"] = str(weights)
@@ -579,6 +608,9 @@ class Run:
             with atomic_write(self.run_dir / SUMMARY) as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
         self.tracker.close("KILLED" if self.stop_requested else "FINISHED")
+        if self.world.is_main:
+            print(console.summary_block(summary, scores=self.scores, weights=summary["checkpoint"],
+                                        mlflow=self.tracker.run_url), file=sys.stderr, flush=True)
         distributed.barrier()
         return summary
 
@@ -627,7 +659,7 @@ def _agree_run_dir(run_dir: Path | None, recipe: Recipe, world) -> Path:
     import torch.distributed as dist
 
     if run_dir is None:
-        name = [f"runs/{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        name = [str(default_run_dir(recipe))]
         if dist.is_initialized():
             dist.broadcast_object_list(name, src=0)
         run_dir = Path(name[0])

@@ -9,7 +9,7 @@ import pytest
 
 from harness.distributed import free_port  # noqa: F401  (re-exported for the fixtures)
 
-# Everything the tests start stays on loopback (design.md §6).
+# Everything the tests start stays on loopback (docs/design.md §6).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")
 if not os.environ["MLFLOW_TRACKING_URI"]:

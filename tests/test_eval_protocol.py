@@ -10,7 +10,6 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -18,7 +17,7 @@ import torch
 
 from harness.cli import main as mimo
 from harness.models import create_model, save_weights
-from harness.recipe import load_recipe
+from harness.recipe import TrackingCfg, load_recipe
 from harness.tracking import CHAMPION, Tracker
 from tests.conftest import REPO
 
@@ -104,8 +103,8 @@ def test_recipe_without_val_trains_scores_test_every_n_steps_and_exports(launch_
 def test_champion_rule_compares_test_psnr_and_refuses_models_below_the_blurred_input(
         mlflow_server, tmp_path, caplog):
     name = f"deblur-{uuid.uuid4().hex[:8]}"
-    cfg = SimpleNamespace(enabled=True, tracking_uri=mlflow_server, experiment=f"exp-{uuid.uuid4().hex[:8]}",
-                          run_name="t", registered_model=name, log_every=1, images_every=1, system_metrics=False)
+    cfg = TrackingCfg(enabled=True, tracking_uri=mlflow_server, experiment=f"exp-{uuid.uuid4().hex[:8]}",
+                      run_name="t", registered_model=name, log_every=1, images_every=1, system_metrics=False)
     client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
     def register(i: int, test_psnr: float, blurred: float) -> int:

@@ -19,7 +19,7 @@ from harness.models import (
 
 TINY = {"base_channels": 8, "num_res": 1}
 
-# name -> (trainable params, state-dict tensors, GFLOP 256x256, GFLOP 1280x720) from the paper / design.md §1
+# name -> (trainable params, state-dict tensors, GFLOP 256x256, GFLOP 1280x720) from the paper / docs/design.md §1
 REFERENCE = {
     "mimo-unet": (6_807_171, 244, 127.5, 1792),
     "mimo-unet-plus": (16_107_651, 532, 301.4, 4239),

@@ -132,3 +132,31 @@ def test_preflight_errors_are_one_line_before_any_rank_starts(tmp_path, train_sh
     assert bad.stderr.strip().splitlines() == [
         "mimo train: error: recipes/smoke.yaml: train.global_batch: 3 is not divisible by "
         "train.micro_batch (2) x world size (2)"]
+
+
+def test_recipes_inherit_with_base_and_overrides(tmp_path):
+    """`base:` + `overrides:` (as tune recipes): base.yaml is plus.yaml with the smaller model."""
+    plus, base = (load_recipe(REPO / "recipes" / f"{n}.yaml").model_dump(mode="json") for n in ("plus", "base"))
+    assert base["model"]["name"] == "mimo-unet" and plus["model"]["name"] == "mimo-unet-plus"
+    assert base["name"] == "base"  # named after its own file, not its base
+    assert {k: v for k, v in base.items() if k not in ("model", "name")} == \
+        {k: v for k, v in plus.items() if k not in ("model", "name")}
+    reds = load_recipe(REPO / "recipes/reds.yaml")
+    assert reds.train.steps == 1577250 and reds.train.epochs is None and reds.schedule.unit == "steps"
+    assert reds.data.train.endswith("shards/reds/train")
+
+    (tmp_path / "a.yaml").write_text(f"base: {REPO / 'recipes/smoke.yaml'}\noverrides: [train.steps=7]\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\noverrides: [optim.lr=0.5]\nname: bee\n")
+    b = load_recipe(tmp_path / "b.yaml", ["train.seed=3"])  # a chain of bases, then the command line
+    assert (b.train.steps, b.optim.lr, b.train.seed, b.name) == (7, 0.5, 3, "bee")
+
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(HarnessError, match=r"c\.yaml: base: d\.yaml leads back to c\.yaml"):
+        load_recipe(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("base: a.yaml\ntrain: {steps: 3}\n")
+    with pytest.raises(HarnessError, match=r"e\.yaml: train: a recipe with `base:` holds only base, overrides"):
+        load_recipe(tmp_path / "e.yaml")
+    (tmp_path / "f.yaml").write_text("base: a.yaml\noverrides: {train.steps: 3}\n")
+    with pytest.raises(HarnessError, match=r"f\.yaml: overrides: expected a list of 'key.path=value' strings"):
+        load_recipe(tmp_path / "f.yaml")

@@ -9,7 +9,6 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -23,6 +22,7 @@ from harness.errors import HarnessError
 from harness.files import to_uint8
 from harness.infer import deblur
 from harness.models import create_model, model_from_checkpoint, read_checkpoint, save_weights
+from harness.recipe import TrackingCfg
 from harness.tracking import (
     CHAMPION,
     OFFLINE_FILE,
@@ -38,11 +38,11 @@ from tests.fixtures.mlflow import only_run
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_tracking_env")]
 
 
-def tcfg(uri: str, **kw) -> SimpleNamespace:
+def tcfg(uri: str, **kw) -> TrackingCfg:
     fields = dict(enabled=True, tracking_uri=uri, experiment=f"exp-{uuid.uuid4().hex[:8]}", run_name="t",
                   registered_model=None, log_every=1, images_every=1, system_metrics=False)  # fmt: skip
     fields.update(kw)
-    return SimpleNamespace(**fields)
+    return TrackingCfg(**fields)
 
 
 def tiny_weights(path: Path, seed: int) -> Path:

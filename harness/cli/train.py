@@ -18,14 +18,11 @@ def register_train(subparsers) -> None:
         "train", help="train with DeepSpeed (wraps `deepspeed harness/train.py`)",
         description="Validate the recipe, shards and run dir, then run `deepspeed --num_gpus N "
                     "harness/train.py ...` (or plain python for one process).")
-    p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
+    from harness.train import add_arguments  # light: torch and DeepSpeed load only when a run starts
+
+    add_arguments(p)
     p.add_argument("--nprocs", type=int, default=1, help="ranks on this machine (default 1)")
-    p.add_argument("--run-dir", help="output directory (default runs/<recipe>-<timestamp>)")
-    p.add_argument("--resume", default="auto", help="auto, never, or a checkpoint tag directory")
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
-    p.add_argument("--dry-run", action="store_true", help="validate recipe, shards and run dir, then exit")
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and DeepSpeed config")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.set_defaults(func=_train)
 
 
@@ -42,11 +39,9 @@ def register_export(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import time
-
     from harness.distributed import free_port
     from harness.recipe import load_recipe
-    from harness.train import describe, preflight
+    from harness.train import default_run_dir, describe, preflight
 
     if args.nprocs < 1:
         raise SystemExit("mimo train: error: --nprocs must be >= 1")
@@ -54,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_recipe:
         print(describe(recipe, args.nprocs))
         return 0
-    run_dir = Path(args.run_dir or f"runs/{recipe.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(recipe)
     preflight(recipe, run_dir, args.nprocs)  # errors here: before any rank starts
     if args.dry_run:
         print(f"ok: {recipe.source} (world size {args.nprocs}, run dir {run_dir})")

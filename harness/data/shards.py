@@ -290,21 +290,6 @@ def _cached(url: str, cache: Path, limit: int) -> Path:
     return path
 
 
-def tar_keys(path: Path) -> list[str]:
-    """Sample keys of a local tar in order, reading headers only (used to check resumed shards)."""
-    keys: list[str] = []
-    try:
-        with tarfile.open(path, "r:") as tf:
-            names = tf.getnames()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise HarnessError(f"shard {path}: unreadable tar ({exc})") from None
-    for name in names:
-        key = name.split(".", 1)[0]
-        if not keys or keys[-1] != key:
-            keys.append(key)
-    return keys
-
-
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -348,6 +333,24 @@ def write_manifest(directory: Path, manifest: dict[str, Any], name: str = MANIFE
 
 def shard_urls(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
     return [str(Path(directory) / s["name"]) for s in manifest["shards"]]
+
+
+def expand_pattern(source: str) -> list[str]:
+    """Shard URLs of a pattern: `::`-separated parts, each brace-expanded as webdataset does."""
+    from braceexpand import braceexpand  # webdataset's own dependency
+
+    return [u for part in str(source).split("::") for u in braceexpand(part)]
+
+
+def source_urls(source: str | os.PathLike) -> tuple[list[str], list[int] | None]:
+    """The one way a data source becomes shard URLs: a shard directory (or its manifest.json) ->
+    its manifest's shards and sample counts; anything else -> the expanded pattern, counts None."""
+    path = Path(source)
+    if path.is_dir() or path.name == "manifest.json":
+        directory = path if path.is_dir() else path.parent
+        manifest = load_manifest(directory)
+        return shard_urls(directory, manifest), [int(s["samples"]) for s in manifest["shards"]]
+    return expand_pattern(str(source)), None
 
 
 def info(directory: str | os.PathLike) -> dict[str, Any]:

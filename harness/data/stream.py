@@ -58,12 +58,11 @@ from harness.data.shards import (
     cache_shards,
     decode_pair,
     iter_shard,
-    load_manifest,
     local_path,
     read_meta,
     read_sample,
     shard_index,
-    tar_keys,
+    source_urls,
 )
 from harness.errors import HarnessError
 
@@ -79,19 +78,14 @@ _ERROR = "__error__"
 
 
 def _listing(source: str | os.PathLike) -> tuple[list[str], list[int] | None]:
-    """Shard URLs of a shard dir, manifest or URL pattern, with the manifest's sample counts (or None)."""
-    path = Path(source)
-    if path.is_dir() or path.name == "manifest.json":
-        manifest = load_manifest(path)
-        base = path if path.is_dir() else path.parent
-        urls = [str(base / s["name"]) for s in manifest["shards"]]
+    """Shard URLs of a source (`shards.source_urls`) with the manifest's sample counts (or None);
+    a missing local shard is one HarnessError."""
+    urls, counts = source_urls(source)
+    if counts is not None:
         for url in urls:
             if not Path(url).is_file():
                 raise HarnessError(f"{url}: shard listed in the manifest is missing")
-        return urls, [int(s["samples"]) for s in manifest["shards"]]
-    import braceexpand
-
-    urls = [u for part in str(source).split("::") for u in braceexpand.braceexpand(part)]
+        return urls, counts
     paths = [local_path(u) for u in urls]
     missing = [u for u, p in zip(urls, paths) if p is not None and not p.is_file()]
     if missing:
@@ -104,7 +98,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[list[str], list[int] | No
     urls, counts = _listing(source)
     paths = [local_path(u) for u in urls]
     if counts is None and None not in paths:
-        counts = [len(tar_keys(p)) for p in paths]
+        counts = [len(shard_index(Path(p), u)) for p, u in zip(paths, urls)]
     return urls, counts
 
 
