@@ -104,8 +104,6 @@ BAD = {
     "no twin": (lambda r: (r / "train/S1/sharp/000002.png").unlink(), "S1/blur/000002.png"),
     "size mismatch": (lambda r: Image.new("RGB", (40, 32)).save(r / "train/S2/sharp/000001.png"),
                       "S2/blur/000001.png is 32x48 but"),
-    "rgba": (lambda r: _rgba(r / "train/S1/blur/000001.png"), "S1/blur/000001.png: expected an 8-bit RGB image, got mode RGBA"),
-    "16-bit": (lambda r: _grey16(r / "train/S2/blur/000002.png"), "S2/blur/000002.png: expected an 8-bit RGB image"),
     "corrupt": (lambda r: (r / "train/S1/sharp/000001.png").write_bytes(
         (r / "train/S1/sharp/000001.png").read_bytes()[:300]), "S1/sharp/000001.png: not a readable image"),
 }
@@ -121,6 +119,34 @@ def test_bad_input_one_line_before_any_shard(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
     assert not out.exists() or not _tars(out)
+
+
+def test_rgba_and_16_bit_are_converted_without_flag(tmp_path):
+    """These were refused without --convert; `mimo pack` now always converts them (and lists them)."""
+    root = _tree(tmp_path)
+    _rgba(root / "train/S1/blur/000001.png")
+    _grey16(root / "train/S2/blur/000002.png")
+    Image.fromarray(np.full((32, 48), 77, np.uint8)).save(root / "train/S2/sharp/000001.png")  # grey
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).convert("P").save(root / "train/S1/sharp/000002.png")
+    out = tmp_path / "out"
+    assert _pack("gopro", "--root", root, "--split", "train", "--out", out, "--samples-per-shard", 1) == 0
+    m = shards.load_manifest(out)
+    assert m["total_samples"] == 4 and m["skipped"] == []
+    assert sorted((c["file"], c["mode"]) for c in m["converted"]) == [
+        ("train/S1/blur/000001.png", "RGBA"), ("train/S1/sharp/000002.png", "P"),
+        ("train/S2/blur/000002.png", "I;16"), ("train/S2/sharp/000001.png", "L")]
+    samples = {s["__key__"]: s for t in _tars(out) for s in shards.iter_shard(str(t))}
+    blur, _ = shards.decode_pair(samples["S2_000002"])
+    assert blur.shape == (32, 48, 3) and int(blur[0, 0, 0]) == round(40000 / 65535 * 255)  # 16-bit scaled
+    _, sharp = shards.decode_pair(samples["S2_000001"])
+    assert (sharp == 77).all()  # grey replicated into R, G and B
+    assert shards.read_meta(samples["S1_000001"])["converted"] == {"blur": "RGBA"}
+    assert shards.read_meta(samples["S1_000002"])["converted"] == {"sharp": "P"}
+    assert shards.read_meta(samples["S1_000001"]) | {"converted": None} == {
+        "scene": "S1", "frame": "000001", "height": 32, "width": 48, "converted": None,
+        "blur": "train/S1/blur/000001.png", "sharp": "train/S1/sharp/000001.png"}
+    assert _pack("gopro", "--root", root, "--split", "train", "--out", tmp_path / "b", "--convert") == 0  # still accepted
+    assert shards.verify(out) == []
 
 
 def test_convert_and_skip_policies(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -76,7 +77,20 @@ def test_smoke_bf16_two_ranks_validates_checkpoints_exports(launch_train, train_
     launch = launch_train(["--recipe", "recipes/smoke.yaml", "--run-dir", run_dir, "train.precision=bf16",
                            "train.steps=12", "eval.every=6", "checkpoint.every=4", "checkpoint.keep=2",
                            *_data(train_shards)], nprocs=2)
-    assert launch.run(TIMEOUT) == 0, launch.output()[-3000:]
+    assert launch.wait(TIMEOUT) == 0, launch.output()[-3000:]
+    # Each rank removed its DeepSpeed all-reduce buffer from /dev/shm at exit (66 MB each).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{launch.port}_*"))
+
+    # The console says what happened: a line per validation, then the end-of-run block; the
+    # ranks' library noise (DeepSpeed INFO, op-build prints, deprecation warnings) is quiet.
+    out = launch.output()
+    assert re.search(r"^val  step 6/12  PSNR [\d.]+ dB \(blurred [\d.]+, [+-][\d.]+\)  SSIM 0\.\d+  \| 4 images, "
+                     r"protocol default, fp32, on cpu", out, re.M), out[-3000:]
+    block = out[out.index("train: finished step 12/12 on 2 rank(s)"):]
+    assert "\n  val  step 12/12  PSNR" in block and f"\n  weights  {run_dir / 'weights.pkl'}" in block
+    assert f"\n  run dir  {run_dir}" in block and "best val PSNR" in block
+    for noise in ("built successfully", "[comm.py", "FutureWarning", "torch_checkpoint_engine"):
+        assert noise not in out, noise
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_step"] == 12 and summary["world_size"] == 2 and not summary["stopped"]

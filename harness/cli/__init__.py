@@ -14,7 +14,7 @@ from harness import __version__
 from harness.errors import HarnessError
 
 # Modules in harness.cli that define `register(subparsers)`.
-COMMAND_MODULES = ["models", "synth", "data", "train", "checkpoints", "tracking", "tune"]
+COMMAND_MODULES = ["models", "synth", "data", "train", "export", "checkpoints", "tracking", "tune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

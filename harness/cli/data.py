@@ -1,4 +1,4 @@
-"""`mimo pack {gopro,reds,folders}` and `mimo shards {verify,info,merge-manifest}`."""
+"""`mimo pack {gopro,reds,folders,hide,realblur-j,realblur-r}` and `mimo shards {verify,info,merge-manifest}`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     folders.add_argument("--blur", required=True)
     folders.add_argument("--sharp", required=True)
     folders.add_argument("--split", default="data", help="shard name prefix (default data)")
-    for p in (gopro, reds, folders):
+    hide = kinds.add_parser("hide", help="HIDE_dataset: {train,test/test-close-ups,test/test-long-shot}/*.png + GT/")
+    hide.add_argument("--root", required=True, help="the HIDE_dataset folder (holding GT/, train/, test/)")
+    hide.add_argument("--split", required=True, help="train, test (2,025 pairs), test-close-ups or test-long-shot")
+    realblur = []
+    for variant in ("realblur-j", "realblur-r"):
+        rb = kinds.add_parser(variant, help=f"RealBlur-{variant[-1].upper()}: the pairs of its "
+                              f"RealBlur_{variant[-1].upper()}_<split>_list.txt (gt path first, blur second)")
+        rb.add_argument("--root", required=True, help="the folder holding the RealBlur trees and list files")
+        rb.add_argument("--split", required=True, help="train or test")
+        rb.add_argument("--list", help="another list file in the same format (paths relative to --root)")
+        realblur.append(rb)
+    for p in (gopro, reds, folders, hide, *realblur):
         _pack_options(p)
         p.set_defaults(func=run_pack)
 
@@ -54,7 +65,10 @@ def _pack_options(p: argparse.ArgumentParser) -> None:
                    "png: the original file bytes (archival)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--limit", type=int, help="pack only the first N pairs (quick subsets)")
-    p.add_argument("--convert", action="store_true", help="convert RGBA/grayscale/16-bit images to 8-bit RGB")
+    p.add_argument("--convert", action="store_true",
+                   help="kept for compatibility: RGBA, grayscale, palette and 16-bit images are now always "
+                   "converted to 8-bit RGB (alpha dropped, grey replicated, 16-bit scaled) and listed in the "
+                   "manifest's 'converted'")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                    help="skip: leave bad pairs out and record them in the manifest")
     p.add_argument("--part", default="0/1", help="i/N: pack slice i of N (Slurm arrays); then merge-manifest")
@@ -62,20 +76,9 @@ def _pack_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_pack(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from harness.data import pack
 
-    from harness.data import pack, sources
-
-    if args.source == "gopro":
-        pairs, unmatched = sources.list_gopro(Path(args.root), args.split, args.blur_dir)
-        source = {"dataset": "gopro", "root": str(Path(args.root).resolve()), "blur_dir": args.blur_dir}
-    elif args.source == "reds":
-        pairs, unmatched = sources.list_reds(Path(args.root), args.split)
-        source = {"dataset": "reds", "root": str(Path(args.root).resolve())}
-    else:
-        pairs, unmatched = sources.list_folders(Path(args.blur), Path(args.sharp))
-        source = {"dataset": "folders", "root": str(Path(args.blur).resolve()),
-                  "sharp_root": str(Path(args.sharp).resolve())}
+    pairs, unmatched, source = _list_source(args)
     if args.limit is not None and args.limit < 1:
         raise HarnessError(f"--limit {args.limit}: expected >= 1")
     if args.samples_per_shard is not None and args.samples_per_shard < 1:
@@ -83,7 +86,7 @@ def run_pack(args: argparse.Namespace) -> int:
     options = pack.PackOptions(
         encoding=args.encoding, shard_bytes=pack.parse_size(args.shard_size),
         samples_per_shard=args.samples_per_shard, workers=max(1, args.workers), limit=args.limit,
-        convert=args.convert, on_error=args.on_error, part=pack.parse_part(args.part),
+        convert=True, on_error=args.on_error, part=pack.parse_part(args.part),
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     m = pack.pack(pairs, unmatched, args.out, source=source, split=args.split, options=options)
@@ -92,6 +95,28 @@ def run_pack(args: argparse.Namespace) -> int:
     print(f"{args.out}: {m['total_samples']} samples in {len(m['shards'])} shard(s) ({args.encoding}), "
           f"{len(m['skipped'])} skipped; {where} written")
     return 0
+
+
+def _list_source(args: argparse.Namespace) -> tuple[list, list[dict], dict]:
+    """(pairs, unmatched, the manifest's description of the source) for `mimo pack SOURCE`."""
+    from pathlib import Path
+
+    from harness.data import sources
+
+    if args.source == "folders":
+        pairs, unmatched = sources.list_folders(Path(args.blur), Path(args.sharp))
+        return pairs, unmatched, {"dataset": "folders", "root": str(Path(args.blur).resolve()),
+                                  "sharp_root": str(Path(args.sharp).resolve())}
+    root = Path(args.root)
+    source = {"dataset": args.source, "root": str(root.resolve())}
+    if args.source == "gopro":
+        return (*sources.list_gopro(root, args.split, args.blur_dir), {**source, "blur_dir": args.blur_dir})
+    if args.source == "reds":
+        return (*sources.list_reds(root, args.split), source)
+    if args.source == "hide":
+        return (*sources.list_hide(root, args.split), source)
+    listed = Path(args.list) if args.list else sources.realblur_list(root, args.source, args.split)
+    return (*sources.list_realblur(root, listed), {**source, "list": str(listed.resolve())})
 
 
 def run_verify(args: argparse.Namespace) -> int:

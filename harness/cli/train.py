@@ -1,4 +1,4 @@
-"""`mimo train` (checks the recipe, then starts the DeepSpeed launcher) and `mimo export`."""
+"""`mimo train`: checks the recipe, shards and run dir, then starts the DeepSpeed launcher."""
 
 from __future__ import annotations
 
@@ -9,11 +9,6 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    register_train(subparsers)
-    register_export(subparsers)
-
-
-def register_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train with DeepSpeed (wraps `deepspeed harness/train.py`)",
         description="Validate the recipe, shards and run dir, then run `deepspeed --num_gpus N "
@@ -24,18 +19,6 @@ def register_train(subparsers) -> None:
     p.add_argument("--nprocs", type=int, default=1, help="ranks on this machine (default 1)")
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
     p.set_defaults(func=_train)
-
-
-def register_export(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="write a run's weights as a public {'model': ...} checkpoint",
-        description="Consolidate a run's DeepSpeed checkpoint (fp32 master weights, or the EMA) into "
-                    "the weights file that `mimo deblur`, `mimo eval` and the original code load.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, help="weights file to write (e.g. weights.pkl)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema_decay runs)")
-    p.add_argument("--tag", default="latest", help="latest (default), best, or a checkpoint tag")
-    p.set_defaults(func=_export)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,20 +38,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"ok: {recipe.source} (world size {args.nprocs}, run dir {run_dir})")
         return 0
     script = str(Path(__file__).resolve().parent.parent / "train.py")
-    tail = [script, "--recipe", args.recipe, "--run-dir", str(run_dir), "--resume", args.resume, *args.overrides]
+    tail = [script, "--recipe", args.recipe, "--run-dir", str(run_dir), "--resume", args.resume,
+            *(["--verbose"] if args.verbose else []), *args.overrides]
     if args.nprocs == 1:
         cmd = [sys.executable, *tail]
     else:
         port = args.master_port or free_port()
         launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(args.nprocs), "--master_port", str(port), *tail]
+        quiet = [] if args.verbose or recipe.train.log_level == "verbose" else ["--log_level", "warning"]
+        cmd = [str(launcher), "--num_gpus", str(args.nprocs), "--master_port", str(port), *quiet, *tail]
     print(f"mimo train: {' '.join(cmd)}", file=sys.stderr)
     return subprocess.call(cmd)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from harness.checkpoint import export
-
-    path = export(args.run_dir, args.out, ema=args.ema, tag=args.tag)
-    print(path)
-    return 0

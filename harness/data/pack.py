@@ -50,7 +50,9 @@ class PackOptions:
     samples_per_shard: int | None = None
     workers: int = 1
     limit: int | None = None
-    convert: bool = False
+    # Non-RGB8 images (RGBA, grey, palette, 16-bit) are converted, and listed in the manifest's
+    # `converted`; False is the strict mode (refuse them), which `mimo pack` no longer uses.
+    convert: bool = True
     on_error: str = "raise"  # or "skip": leave bad pairs out and record them in the manifest
     part: tuple[int, int] = (0, 1)  # (index, count): this job packs slice `index` of `count`
     progress: bool = False
@@ -242,9 +244,28 @@ def _sample(pair: PairSource, info: PairInfo, encoding: str) -> dict[str, Any]:
     ext = ENCODINGS[encoding]
     meta = {"scene": pair.scene, "frame": pair.frame, "blur": pair.blur_rel, "sharp": pair.sharp_rel,
             "height": info.height, "width": info.width}
+    converted = _converted_modes(info)
+    if converted:  # only then: samples of RGB8 files keep their bytes (and shard hashes) as before
+        meta["converted"] = converted
     return {"__key__": pair.key, f"blur.{ext}": _payload(pair.blur, info.blur_convert, encoding),
             f"sharp.{ext}": _payload(pair.sharp, info.sharp_convert, encoding),
             "meta.json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def _converted_modes(info: PairInfo) -> dict[str, str]:
+    """{"blur": "RGBA", ...}: the original mode of each converted image of a pair."""
+    return {side: mode for side, conv, mode in (("blur", info.blur_convert, info.blur_mode),
+                                                 ("sharp", info.sharp_convert, info.sharp_mode)) if conv}
+
+
+def _converted_files(plan: list) -> list[dict[str, str]]:
+    """Every packed file that was converted to 8-bit RGB, root-relative, with its original mode."""
+    out = []
+    for shard in plan:
+        for pair, info in shard:
+            for side, mode in _converted_modes(info).items():
+                out.append({"file": pair.blur_rel if side == "blur" else pair.sharp_rel, "mode": mode})
+    return out
 
 
 def _payload(path: Path, convert: bool, encoding: str) -> bytes:
@@ -273,6 +294,7 @@ def _manifest(source, split, options, checked, plan, entries, skipped) -> dict[s
     opts = asdict(options)
     for transient in ("workers", "progress", "part"):
         opts.pop(transient)
+    first, stop = _part_range(len(plan), options.part)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool": tool_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -280,7 +302,7 @@ def _manifest(source, split, options, checked, plan, entries, skipped) -> dict[s
         "image_sizes": sorted({(i.height, i.width) for _, i in checked}),
         "planned_shards": len(plan), "part": [index, count],
         "total_samples": sum(e["samples"] for e in entries),
-        "shards": entries, "skipped": skipped,
+        "shards": entries, "skipped": skipped, "converted": _converted_files(plan[first:stop]),
     }
 
 
@@ -307,6 +329,7 @@ def merge_manifests(out: str | Path) -> dict[str, Any]:
     skipped = {json.dumps(s, sort_keys=True): s for m in loaded for s in m["skipped"]}
     merged = {**head, "part": [0, 1], "parts_merged": count, "shards": shards,
               "total_samples": sum(e["samples"] for e in shards), "skipped": list(skipped.values()),
+              "converted": [c for m in loaded if m["part"][1] == count for c in m.get("converted", [])],
               "image_sizes": sorted({tuple(s) for m in loaded for s in m["image_sizes"]})}
     write_manifest(out, merged)
     return merged
