@@ -31,8 +31,8 @@ from torch import nn
 from harness.errors import HarnessError
 from harness.files import atomic_write, read_image
 from harness.metrics import psnr, ssim
+from harness.precision import dtype_of
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
 METRICS = ("psnr", "ssim", "blurred_psnr", "blurred_ssim")
 
@@ -87,10 +87,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise HarnessError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
+    dtype = dtype_of(precision)
+    if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -314,7 +312,7 @@ def folder_pairs(
     if not scenes:
         raise HarnessError(
             f"{root}: no {blur_dir}/ folder (expected <scene>/{blur_dir}/*.png with <scene>/{sharp_dir}/*.png, "
-            f"or {blur_dir}/ and {sharp_dir}/ directly under it)"
+            f"or {blur_dir}/ and {sharp_dir}/ directly under it; HIDE and RealBlur roots: see --layout)"
         )
     pairs: list[FramePair] = []
     for scene, directory, prefix in scenes:
@@ -336,14 +334,80 @@ def _scene_pairs(scene: str, directory: Path, prefix: str, blur_dir: str, sharp_
     return pairs
 
 
+LAYOUTS = ("auto", "folders", "hide", "realblur-j", "realblur-r")
+
+
+def dataset_pairs(
+    root: str | os.PathLike,
+    *,
+    layout: str = "auto",
+    split: str = "test",
+    list_file: str | os.PathLike | None = None,
+    blur_dir: str = "blur",
+) -> list[FramePair]:
+    """Pairs of a test-set tree for `mimo eval --data`: `folders` is `folder_pairs` (GoPro layout
+    or blur/ + sharp/), `hide` and `realblur-j/-r` read those datasets as `mimo pack` does (same
+    keys and scenes, sorted by key like packed shards); `auto` tells them apart by their layout.
+    `list_file` is a RealBlur-format list (gt path first) with paths relative to `root`."""
+    from harness.data import sources
+
+    if layout not in LAYOUTS:
+        raise HarnessError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
+    if list_file is not None and layout not in ("auto", "realblur-j", "realblur-r"):
+        raise HarnessError(f"--list {list_file}: a RealBlur list; --layout {layout} takes none")
+    if layout == "auto":
+        layout = detect_layout(root, split=split, list_file=list_file, blur_dir=blur_dir)
+    if layout == "folders":
+        return folder_pairs(root, blur_dir=blur_dir)
+    if layout == "hide":
+        found, unmatched = sources.list_hide(Path(root), split)
+    else:
+        listed = Path(list_file) if list_file else sources.realblur_list(Path(root), layout, split)
+        found, unmatched = sources.list_realblur(Path(root), listed)
+    if unmatched:
+        more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
+        raise HarnessError(f"{unmatched[0]['file']}: {unmatched[0]['reason']}{more}")
+    sources.check_unique_keys(found)
+    return [FramePair(p.key, p.scene, p.blur, p.sharp) for p in sorted(found, key=lambda p: p.key)]
+
+
+def detect_layout(
+    root: str | os.PathLike, *, split: str = "test", list_file: str | os.PathLike | None = None,
+    blur_dir: str = "blur",
+) -> str:
+    """Which layout `root` has: folders (a blur/ folder at the top or one level down), hide (GT/
+    beside train/ or test/), realblur-j/-r (its list file for `split` at the top). A tree that is
+    none of them gets `folders`, whose error names what was expected."""
+    root = Path(root)
+    if list_file is not None:
+        return "realblur-r" if "_R_" in Path(list_file).name else "realblur-j"
+    if not root.is_dir() or (root / blur_dir).is_dir() or any((d / blur_dir).is_dir() for d in _subdirs(root)):
+        return "folders"
+    if (root / "GT").is_dir() and ((root / "test").is_dir() or (root / "train").is_dir()):
+        return "hide"
+    from harness.data import sources
+
+    found = [v for v in sources.REALBLUR_VARIANTS if split in ("train", "test")
+             and sources.realblur_list(root, v, split).is_file()]
+    if len(found) > 1:
+        raise HarnessError(f"{root}: has both RealBlur-J and -R lists for '{split}': pass --layout realblur-j "
+                           "or --layout realblur-r")
+    return found[0] if found else "folders"
+
+
+def _subdirs(root: Path) -> list[Path]:
+    return [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+
 # ---------------------------------------------------------------- evaluation
 
 
 @dataclasses.dataclass
 class EvalResult:
     """Means over images (not over scenes), per-scene means and one row per image, with the
-    settings that produced them (ensemble None/"rot4"/"d8", precision, device) and the restoration
-    time per image (model forwards, ensemble and padding; data loading and scoring excluded)."""
+    settings that produced them (ensemble None/"rot4"/"d8", precision, device, the scoring protocol
+    of harness.protocols) and the restoration time per image (model forwards, ensemble and padding;
+    data loading and scoring excluded)."""
 
     psnr: float
     ssim: float
@@ -356,6 +420,8 @@ class EvalResult:
     precision: str = "fp32"
     device: str = "cpu"
     seconds_per_image: float = 0.0
+    protocol: str = "default"  # harness.protocols: how PSNR/SSIM were computed
+    crop_border: int = 0
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]], **settings: Any) -> EvalResult:
@@ -366,9 +432,13 @@ class EvalResult:
         return cls(**_means(rows), count=len(rows), per_scene=per_scene, rows=rows, **settings)
 
     def settings(self) -> dict[str, Any]:
-        """How the numbers were made: ensemble ("none"/"rot4"/"d8"), precision, device, s/image."""
+        """How the numbers were made: ensemble ("none"/"rot4"/"d8"), precision, device, s/image, and
+        the scoring protocol ("default", "realblur", "basicsr-y", "basicsr-y:cropN")."""
+        from harness import protocols
+
         return {"ensemble": self.ensemble or "none", "precision": self.precision, "device": self.device,
-                "seconds_per_image": self.seconds_per_image}
+                "seconds_per_image": self.seconds_per_image,
+                "protocol": protocols.label(self.protocol, self.crop_border)}
 
     def to_dict(self) -> dict[str, Any]:
         """Summary, settings and per-scene means (the per-image rows go to `write_csv`)."""
@@ -377,7 +447,8 @@ class EvalResult:
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        tags = {"ensemble": self.ensemble or "none", "precision": self.precision}
+        tags = {"ensemble": self.ensemble or "none", "precision": self.precision,
+                "protocol": self.settings()["protocol"]}
         with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["key", "scene", *METRICS, *tags])
             writer.writeheader()
@@ -386,9 +457,12 @@ class EvalResult:
 
     def format(self) -> str:
         """A small text table: overall, then each scene, under a line naming the settings."""
+        from harness import protocols
+
         s = self.settings()
         lines = [f"ensemble {s['ensemble']}, {self.precision} on {self.device}, "
-                 f"{self.seconds_per_image:.3f} s/image (RGB, data range 1, full frame)",
+                 f"{self.seconds_per_image:.3f} s/image, protocol {s['protocol']} "
+                 f"({protocols.describe(self.protocol, self.crop_border)})",
                  f"{'':<24} {'count':>6} {'PSNR':>8} {'SSIM':>7} {'blur PSNR':>10} {'blur SSIM':>10}"]
         entries = [("all", self.to_dict())] + sorted(self.per_scene.items())
         for name, m in entries:
@@ -413,14 +487,21 @@ def evaluate(
     overlap: int = 32,
     batch: int = 1,
     progress: bool = False,
+    protocol: str = "default",
+    crop_border: int = 0,
 ) -> EvalResult:
     """Deblur every pair's blurred frame (full frame, clamped) and score it and the blurred
-    frame against the sharp one, on the model's device. `pairs` holds `Pair`s or zero-argument
-    loaders returning one; up to `batch` consecutive frames of one size share a forward."""
+    frame against the sharp one under `protocol` (harness.protocols; `crop_border` for
+    basicsr-y), on the model's device (RealBlur's alignment on the CPU). `pairs` holds `Pair`s
+    or zero-argument loaders returning one; up to `batch` consecutive frames of one size share
+    a forward."""
     from tqdm import tqdm
+
+    from harness import protocols
 
     if batch < 1:
         raise HarnessError(f"evaluate: batch: expected a positive number, got {batch}")
+    protocols.check(protocol, crop_border)
     mode, device = ensemble_mode(ensemble), _device_of(model)
     loaded = (item() if callable(item) else item for item in tqdm(pairs, desc="eval", unit="img",
                                                                   disable=not progress))
@@ -434,14 +515,27 @@ def evaluate(
         restored = deblur(model, blur, tile=tile, overlap=overlap, ensemble=mode, precision=precision)
         _synchronize(device)
         seconds += time.perf_counter() - t0
-        # Scored where the images are (float64, as harness.metrics does); one host sync per group.
-        scores = torch.stack([psnr(restored, sharp), ssim(restored, sharp), psnr(blur, sharp), ssim(blur, sharp)])
+        keys = [pair.key for pair in group]
+        scores = _score_group(restored, blur, sharp, protocol, crop_border, keys)
         for pair, values in zip(group, scores.T.tolist()):
             rows.append({"key": pair.key, "scene": pair.scene, **dict(zip(METRICS, values))})
     if not rows:
         raise HarnessError("evaluate: no image pairs to evaluate")
     return EvalResult.from_rows(rows, ensemble=mode, precision=precision, device=str(device),
-                                seconds_per_image=seconds / len(rows))
+                                seconds_per_image=seconds / len(rows), protocol=protocol, crop_border=crop_border)
+
+
+def _score_group(restored: torch.Tensor, blur: torch.Tensor, sharp: torch.Tensor, protocol: str,
+                 crop_border: int, keys: list[str]) -> torch.Tensor:
+    """(4, N): PSNR, SSIM of the restored and of the blurred frames, in METRICS order."""
+    if protocol == "default":
+        # Scored where the images are (float64, as harness.metrics does); one host sync per group.
+        return torch.stack([psnr(restored, sharp), ssim(restored, sharp), psnr(blur, sharp), ssim(blur, sharp)])
+    from harness import protocols
+
+    values = [*protocols.score(restored, sharp, protocol, crop_border=crop_border, keys=keys),
+              *protocols.score(blur, sharp, protocol, crop_border=crop_border, baseline=True)]
+    return torch.stack([v.to(values[0].device) for v in values])
 
 
 def _same_size_groups(pairs: Iterable[Pair], size: int):

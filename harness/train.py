@@ -598,7 +598,8 @@ class Run:
                    "best_step": self.state.best_step if self.state.best_step >= 0 else None,
                    "skipped_steps": self.state.skipped, "world_size": self.world.size, **perf,
                    "checkpoint": None, "run_dir": str(self.run_dir),
-                   "mlflow_run_id": self.tracker.run_id or self.saved_tracker.get("run_id")}
+                   "mlflow_run_id": self.tracker.run_id or self.saved_tracker.get("run_id"),
+                   "mlflow_run_url": self.tracker.run_url}
         if self.world.is_main and not self.stop_requested:
             weights = checkpoint.export(self.run_dir, self.run_dir / WEIGHTS, ema=self.ema is not None)
             summary["checkpoint"] = str(weights)
@@ -610,7 +611,7 @@ class Run:
         self.tracker.close("KILLED" if self.stop_requested else "FINISHED")
         if self.world.is_main:
             print(console.summary_block(summary, scores=self.scores, weights=summary["checkpoint"],
-                                        mlflow=self.tracker.run_url), file=sys.stderr, flush=True)
+                                        mlflow=summary["mlflow_run_url"]), file=sys.stderr, flush=True)
         distributed.barrier()
         return summary
 

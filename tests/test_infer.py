@@ -237,11 +237,13 @@ def test_evaluate_reports_blurred_baseline(synth_gopro, tmp_path):
 
     summary = result.to_dict()
     assert set(summary) == {"psnr", "ssim", "blurred_psnr", "blurred_ssim", "count", "per_scene", "ensemble",
-                            "precision", "device", "seconds_per_image"}
+                            "precision", "device", "seconds_per_image", "protocol"}
+    assert summary["protocol"] == "default"  # the scoring protocol travels with the numbers too
     assert (summary["ensemble"], summary["precision"], summary["device"]) == ("none", "fp32", "cpu")
     assert summary["seconds_per_image"] > 0
     rows = list(csv.DictReader(open(result.write_csv(tmp_path / "rows.csv"))))
     assert rows[0]["ensemble"] == "none" and rows[0]["precision"] == "fp32"
+    assert rows[0]["protocol"] == "default"
     assert [r["key"] for r in rows] == [p.key for p in pairs]
     assert float(rows[1]["blurred_psnr"]) == pytest.approx(float(psnr(blur[1:2], sharp[1:2])[0]), abs=1e-9)
     assert "scene_001" in result.format()
@@ -286,3 +288,21 @@ def test_evaluate_rejects_bad_pairs(tiny):
         evaluate(tiny, [Pair("k2", "s", blur, sharp[:, :20])])
     with pytest.raises(HarnessError, match="no image pairs"):
         evaluate(tiny, [])
+
+
+def test_evaluate_protocols_score_differently_and_say_so(tiny):
+    torch.manual_seed(3)
+    sharp = F.avg_pool2d(torch.rand(1, 3, 40, 48), 5, 1, 2)[0]  # smooth: ECC has gradients to follow
+    blur = (sharp + sharp.roll(1, -1)) / 2
+    pairs = [Pair("k0", "s", blur, sharp)]
+    results = {p: evaluate(tiny, pairs, protocol=p) for p in ("default", "realblur", "basicsr-y")}
+    assert {p: r.settings()["protocol"] for p, r in results.items()} == {p: p for p in results}
+    assert results["realblur"].blurred_psnr == pytest.approx(results["default"].blurred_psnr, abs=1e-9)
+    assert results["basicsr-y"].psnr != results["default"].psnr
+    crop = evaluate(tiny, pairs, protocol="basicsr-y", crop_border=4)
+    assert crop.settings()["protocol"] == "basicsr-y:crop4" and "protocol basicsr-y:crop4" in crop.format()
+    with pytest.raises(HarnessError, match="only basicsr-y crops"):
+        evaluate(tiny, pairs, crop_border=4)
+    with pytest.raises(HarnessError, match="protocol 'psnr-y'"):
+        evaluate(tiny, pairs, protocol="psnr-y")
+

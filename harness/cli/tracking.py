@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     promote.add_argument("version", type=int)
     promote.add_argument("--tracking-uri", help=uri_help)
     promote.set_defaults(func=_promote)
-    show = reg_sub.add_parser("show", help="list the versions of NAME with aliases and validation PSNR")
+    show = reg_sub.add_parser("show", help="list the versions of NAME: aliases, val and test PSNR, run")
     show.add_argument("name")
     show.add_argument("--tracking-uri", help=uri_help)
     show.set_defaults(func=_show)
@@ -43,15 +43,15 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from harness.tracking import PSNR_TAG, registry_rows
+    from harness.tracking import PSNR_TAG, TEST_PSNR_TAG, registry_rows
 
     rows = registry_rows(args.name, args.tracking_uri)
-    print(f"{'version':>7}  {'val PSNR':>9}  {'aliases':<12}  {'created (UTC)':<19}  run")
+    print(f"{'version':>7}  {'val PSNR':>9}  {'aliases':<12}  {'test PSNR':>9}  {'created (UTC)':<19}  run")
     for row in rows:
         created = datetime.fromtimestamp(row["created"] / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        psnr = f"{row[PSNR_TAG]:.3f}" if row[PSNR_TAG] == row[PSNR_TAG] else "-"
+        val, test = (f"{row[k]:.3f}" if row[k] == row[k] else "-" for k in (PSNR_TAG, TEST_PSNR_TAG))
         aliases = ",".join(row["aliases"]) or "-"
-        print(f"{row['version']:>7}  {psnr:>9}  {aliases:<12}  {created:<19}  {row['run_id'] or '-'}")
+        print(f"{row['version']:>7}  {val:>9}  {aliases:<12}  {test:>9}  {created:<19}  {row['run_id'] or '-'}")
     return 0
 
 
