@@ -26,6 +26,9 @@ declare -A GROUPS_=(
     [netns]="ip | iproute2"
     # DeepSpeed's multi-node launcher (`deepspeed --hostfile`, its default `--launcher pdsh`).
     [pdsh]="pdsh | pdsh"
+    # A headless browser for tests/test_mlflow_ui.py, which looks at the MLflow UI as a user would
+    # (`chromium --headless`, driven over its DevTools port); the fonts render the pages' text.
+    [chromium]="chromium | chromium fonts-dejavu-core"
 )
 
 die() { echo "system-deps: $*" >&2; exit 2; }

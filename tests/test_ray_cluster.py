@@ -152,7 +152,7 @@ def test_ray_up_and_ray_submit_on_prem_config(train_shards, tmp_path):
             assert time.monotonic() < deadline, _read(sshd.home / "ray-head.log")[-3000:]
             time.sleep(0.5)
         recipe = sshd.home / "mimo-harness" / "recipes" / "tune-smoke.yaml"
-        sub = subprocess.run([str(RAY_BIN), "submit", str(config_path), "harness/tune.py", "--",
+        sub = subprocess.run([str(RAY_BIN), "submit", str(config_path), "harness/tune/__main__.py", "--",
                               "--recipe", str(recipe), *tiny_args(train_shards, tmp_path)],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=480, start_new_session=True)
         out = sub.stdout + sub.stderr

@@ -102,27 +102,27 @@ def test_run_params_metrics_triptychs_artifacts(mlflow_server, tmp_path, monkeyp
         and params["optim.betas"] == "[0.9, 0.999]"
         and params["world_size"] == "2"
     )
-    assert params["env.torch"] == torch.__version__ and "env.host" in params
+    assert run.data.tags["mimo.env.torch"] == torch.__version__ and "mimo.env.host" in run.data.tags
     assert len(params["blob"]) <= 6000 and params["blob"].endswith("...")
     assert run.data.tags["dataset.train.manifest_sha256"] == "ab" * 32
-    assert steps(client, run.info.run_id, "loss") == [10, 20, 30]
-    assert steps(client, run.info.run_id, "lr") == [10, 20, 30]
+    assert steps(client, run.info.run_id, "train/loss") == [10, 20, 30]
+    assert steps(client, run.info.run_id, "train/lr_x1e6") == [10, 20, 30]
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     names = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "recipe.yaml" in names
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     png = [
-        p for p in images if p.startswith("images/triptych~scene_a~000001+step+20+") and p.endswith(".png")
+        p for p in images if p.startswith("images/val~triptych_scene_a_000001_step0000020+step+20+") and p.endswith(".png")
     ]
     assert len(png) == 1, images
     local = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path=png[0], dst_path=str(tmp_path)
     )
     got = np.asarray(Image.open(local))
-    assert got.shape == (16 + 12, 60, 3)
+    assert got.shape[0] > 2 * 16 and got.shape[1] >= 2 * 20 and got.shape[2] == 3  # 2 x 2 frames over the caption
     assert np.array_equal(got[:16, 20:40], to_uint8(restored)) and np.array_equal(
         got[:16, :20], to_uint8(blur)
-    )
+    ) and np.array_equal(got[16:32, :20], to_uint8(sharp))
 
 
 def test_resume_continues_the_run_without_duplicate_steps(mlflow_server, tmp_path):
@@ -139,7 +139,7 @@ def test_resume_continues_the_run_without_duplicate_steps(mlflow_server, tmp_pat
     second.close()
     client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     run = only_run(client, cfg.experiment)
-    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(10, 10.0), (20, 20.0), (30, 30.0), (40, 40.5)]
     assert run.info.status == "FINISHED"
 
@@ -173,6 +173,12 @@ def test_pyfunc_registry_champion_rule_and_fetch(mlflow_server, tmp_path, capsys
     assert sd["model_name"] == "mimo-unet" and sd["model_overrides"] == ref["model_overrides"]
     assert all(torch.equal(sd["model"][k], v) for k, v in ref["model"].items())
 
+    # mimo deblur takes the champion from the server named on its command line.
+    (tmp_path / "in.png").write_bytes(png_bytes(arr))
+    assert mimo(["deblur", "--weights", f"models:/{name}@{CHAMPION}", "--tracking-uri", mlflow_server,
+                 str(tmp_path / "in.png"), str(tmp_path / "out.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), want)
+
     assert mimo(["registry", "promote", name, "2", "--tracking-uri", mlflow_server]) == 0
     assert client.get_model_version_by_alias(name, CHAMPION).version == "2"
     capsys.readouterr()
@@ -182,8 +188,8 @@ def test_pyfunc_registry_champion_rule_and_fetch(mlflow_server, tmp_path, capsys
     assert mimo(["registry", "promote", name, "9", "--tracking-uri", mlflow_server]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and name in err[0] and "version 9" in err[0]
-    with pytest.raises(HarnessError, match="nosuch"):
-        fetch_weights("models:/nosuch@champion", tracking_uri=mlflow_server)
+    with pytest.raises(HarnessError, match=f"nosuch@champion: cannot fetch the model from {mlflow_server} "):
+        fetch_weights("models:/nosuch@champion", tracking_uri=mlflow_server)  # names the store it searched
 
 
 def test_outage_buffers_flushes_then_offline_file_and_replay(mlflow_own_server, tmp_path, caplog):
@@ -201,7 +207,7 @@ def test_outage_buffers_flushes_then_offline_file_and_replay(mlflow_own_server, 
     server.start()
     tracker.log_metrics({"loss": 3.0}, step=3)  # back: the run is created, the queue sent in order
     client = mlflow.MlflowClient(server.uri, registry_uri=server.uri)
-    assert tracker.run_id and steps(client, tracker.run_id, "loss") == [1, 2, 3]
+    assert tracker.run_id and steps(client, tracker.run_id, "train/loss") == [1, 2, 3]
 
     server.kill()  # crashes mid-run
     tracker.log_metrics({"loss": 4.0}, step=4)
@@ -218,9 +224,9 @@ def test_outage_buffers_flushes_then_offline_file_and_replay(mlflow_own_server, 
     assert mimo(["tracking", "replay", str(tmp_path), "--tracking-uri", server.uri]) == 0
     run = only_run(client, cfg.experiment)
     assert run.info.run_id == tracker.run_id and run.info.status == "FINISHED"
-    assert steps(client, run.info.run_id, "loss") == [1, 2, 3, 4]
+    assert steps(client, run.info.run_id, "train/loss") == [1, 2, 3, 4]
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert any(p.startswith("images/triptych~val0+step+4+") for p in images)
+    assert any(p.startswith("images/val~triptych_val0_step0000004+step+4+") for p in images)
     assert client.get_model_version_by_alias(name, CHAMPION).version == "1"
     assert not (tmp_path / OFFLINE_FILE).exists() and (tmp_path / (OFFLINE_FILE + ".replayed")).exists()
 
@@ -249,10 +255,10 @@ def test_spilled_records_are_sent_by_themselves_in_order_when_the_server_is_back
         tracker.log_metrics({"loss": 5.0}, step=5)
     assert not (tmp_path / OFFLINE_FILE).exists()
     assert any("sent the 3 record(s) kept in" in r.getMessage() for r in caplog.records)
-    history = client.get_metric_history(tracker.run_id, "loss")
+    history = client.get_metric_history(tracker.run_id, "train/loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5]
     images = [a.path for a in client.list_artifacts(tracker.run_id, "images")]
-    assert any(p.startswith("images/triptych~val0+step+3+") for p in images)
+    assert any(p.startswith("images/val~triptych_val0_step0000003+step+3+") for p in images)
     tracker.close("KILLED")
 
     # A launch killed during an outage leaves a spill; the next launch sends it when it starts.
@@ -267,7 +273,7 @@ def test_spilled_records_are_sent_by_themselves_in_order_when_the_server_is_back
     nxt.log_metrics({"loss": 8.0}, step=8)
     nxt.close()
     run = client.get_run(tracker.run_id)
-    history = client.get_metric_history(run.info.run_id, "loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 9))
     assert run.info.status == "FINISHED" and not (tmp_path / OFFLINE_FILE).exists()
 
@@ -281,7 +287,7 @@ def test_persist_at_checkpoint_keeps_an_outage_queue_through_a_kill(mlflow_serve
     experiment_id = client.create_experiment(cfg.experiment)
     for before, after in (("RUNNING", "KILLED"), ("FINISHED", "FINISHED")):
         run_id = client.create_run(experiment_id).info.run_id
-        client.log_metric(run_id, "loss", 1.0, step=1)
+        client.log_metric(run_id, "train/loss", 1.0, step=1)  # what an earlier launch logged
         if before == "FINISHED":
             client.set_terminated(run_id, "FINISHED")
         run_dir = tmp_path / before
@@ -296,7 +302,7 @@ def test_persist_at_checkpoint_keeps_an_outage_queue_through_a_kill(mlflow_serve
         assert records[0]["run_id"] == run_id and [r["step"] for r in records if r["kind"] == "metrics"] == [2, 3]
         assert replay(run_dir, tracking_uri=mlflow_server) == run_id
         run = client.get_run(run_id)
-        assert steps(client, run_id, "loss") == [1, 2, 3] and run.info.status == after, before
+        assert steps(client, run_id, "train/loss") == [1, 2, 3] and run.info.status == after, before
 
 
 def test_offline_from_start_replays_into_a_new_run(mlflow_server, tmp_path):
@@ -313,7 +319,7 @@ def test_offline_from_start_replays_into_a_new_run(mlflow_server, tmp_path):
     client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     run = only_run(client, cfg.experiment)
     assert run.info.run_id == run_id and run.data.params["train.steps"] == "3"
-    assert steps(client, run_id, "loss") == [1, 2, 3]
+    assert steps(client, run_id, "train/loss") == [1, 2, 3]
 
 
 def test_credentials_never_reach_params_artifacts_logs_or_files(

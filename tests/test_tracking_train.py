@@ -135,12 +135,12 @@ def test_kill_resume_server_crash_replay_one_run_champion_pyfunc_equals_mimo_deb
     params = run.data.params
     assert params["world_size"] == "2" and params["train.precision"] == "fp32"
     assert params["train.zero_stage"] == "1" and params["model.overrides.base_channels"] == "8"
-    assert "env.torch" in params and "env.host" in params
+    assert "mimo.env.torch" in run.data.tags and "mimo.env.host" in run.data.tags
     assert run.data.tags["dataset.train.manifest_sha256"] and run.data.tags["dataset.val.manifest_sha256"]
-    for key in ("loss", "lr", "grad_norm", "images_per_sec", "data_wait"):
+    for key in ("train/loss", "train/lr_x1e6", "train/grad_norm", "train/images_per_sec", "train/data_wait"):
         steps = _history_steps(client, run.info.run_id, key)
         assert steps == list(range(1, STEPS + 1)), (key, steps)  # strictly increasing, none duplicated
-    for key in ("val_psnr", "val_ssim", "blurred_psnr"):
+    for key in ("val/psnr", "val/ssim", "val/blurred_psnr"):
         assert _history_steps(client, run.info.run_id, key) == [8, 16, 24], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"recipe.yaml", "ds_config.json", "log.jsonl"} <= artifacts

@@ -99,7 +99,7 @@ def test_asha_mlflow_best_recipe(ray_head, mlflow_server, train_shards, tmp_path
         assert row["mlflow_run_id"] == child.info.run_id
         # The child holds the trainer's own params: this trial's sampled values, logged once.
         assert float(child.data.params["optim.lr"]) == pytest.approx(float(row["optim.lr"]), rel=1e-5)
-        assert "val_psnr" in child.data.metrics
+        assert "val/psnr" in child.data.metrics
         assert child.info.status in ("FINISHED", "KILLED")
 
     best = max((r for r in rows if r["status"] == "TERMINATED"), key=lambda r: float(r["val_psnr"]))

@@ -22,10 +22,13 @@ if [[ -n "${QUICK:-}" ]]; then
     # The script's plumbing, not the numbers: e-compile's CPU build takes minutes on a busy 2-core
     # box (test_benchmarks.py's train_throughput --quick run covers it); limits for shared cores.
     COMPILE=a-baseline,f-fused-adam SCALE=3
+    # Two variants per step are enough to check the plumbing (every variant: the train_throughput test).
+    B4=a-baseline,c-bf16 BATCHES=a-baseline
 else
     TRAIN=(--models mimo-unet-plus --crop 256 --workers 8 --steps 10 --warmup 3)
     INFER=(--models mimo-unet,mimo-unet-plus --size 720x1280 --tile 512 --reps 5)
     COMPILE=a-baseline,e-compile,f-fused-adam SCALE=1
+    B4=a-baseline,b-ds-fp32,c-bf16,d-bf16-cl BATCHES=a-baseline,c-bf16,d-bf16-cl
 fi
 # name, seconds, then the command
 step() {
@@ -37,13 +40,13 @@ step() {
 }
 # 1. The headline: every variant without compilation at batch 4 (the recipe's), ratios against (a).
 step train-b4 120 "$PY" benchmarks/train_throughput.py --device "$DEVICE" "${TRAIN[@]}" --batch-sizes 4 \
-    --variants a-baseline,b-ds-fp32,c-bf16,d-bf16-cl --out "$OUT/gpu-train_throughput.json"
+    --variants "$B4" --out "$OUT/gpu-train_throughput.json"
 # 2. torch.compile and fused Adam (compilation takes most of this), with the baseline again for the ratio.
 step train-compile 200 "$PY" benchmarks/train_throughput.py --device "$DEVICE" "${TRAIN[@]}" --batch-sizes 4 \
     --variants "$COMPILE" --out "$OUT/gpu-train_throughput-compile.json"
 # 3. Larger batches, up to the largest that fits.
 step train-batches 120 "$PY" benchmarks/train_throughput.py --device "$DEVICE" "${TRAIN[@]}" \
-    --batch-sizes "$([[ -n "${QUICK:-}" ]] && echo 8 || echo 8,16,max)" --variants a-baseline,c-bf16,d-bf16-cl \
+    --batch-sizes "$([[ -n "${QUICK:-}" ]] && echo 8 || echo 8,16,max)" --variants "$BATCHES" \
     --out "$OUT/gpu-train_throughput-batches.json"
 # 4. 1280x720 inference, both models.
 step inference 90 "$PY" benchmarks/inference.py --device "$DEVICE" "${INFER[@]}" --out "$OUT/gpu-inference.json"

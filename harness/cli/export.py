@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 
 from harness.errors import HarnessError
-
-# Mirrors harness.export.FORMATS (kept here so building the parser imports no torch).
-FORMATS = ("pkl", "safetensors", "onnx", "torch-export")
+from harness.export import FORMATS  # light: torch is imported when an export runs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.precision import PRECISIONS
 
 TRACKING_SCHEMES = ("models:/", "runs:/")
 
@@ -26,11 +27,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="architecture (mimo-unet, mimo-unet-plus); needed for bare public "
         "checkpoints, optional when the weights file records it",
     )
-    p.add_argument("--weights", required=True, help="weights file, or an MLflow models:/ or runs:/ URI")
+    p.add_argument("--weights", required=True,
+                   help="weights file (.pkl/.pth/.safetensors or an exported directory), or an MLflow "
+                   "models:/NAME@alias, models:/NAME/VERSION or runs:/RUN_ID/path URI")
+    p.add_argument("--tracking-uri",
+                   help="where models:/ and runs:/ URIs are looked up (default: $MLFLOW_TRACKING_URI, "
+                   "else MLflow's default sqlite:///mlflow.db)")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (the default: cuda when there is one, else cpu), "
                    "cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="fp32 (the default: full precision, the paper's protocol), or bf16/fp16 "
                    "autocast (faster on GPUs; outputs differ slightly)")
     p.add_argument("--tile", type=int, help="run in tiles of N px (large images), blended over --overlap")
@@ -113,7 +119,7 @@ def load_model(args: argparse.Namespace):
             from harness.tracking import fetch_weights
         except ImportError as exc:
             raise HarnessError(f"--weights {weights}: MLflow URIs need harness.tracking ({exc})") from None
-        weights = fetch_weights(weights)
+        weights = fetch_weights(weights, tracking_uri=args.tracking_uri)
     return model_from_checkpoint(Path(weights), args.model).to(device).eval()
 
 

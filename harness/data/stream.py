@@ -517,4 +517,4 @@ class _EvalIterable:
 
 
 def _chw(hwc: torch.Tensor) -> torch.Tensor:
-    return hwc.permute(2, 0, 1).float().div_(255.0)
+    return C.to_float(hwc.permute(2, 0, 1))  # the batches' own uint8 -> float rule

@@ -14,7 +14,7 @@
 
 from harness.tracking.client import resolve_tracking_uri
 from harness.tracking.offline import OFFLINE_FILE, replay
-from harness.tracking.records import clean_params, dataset_tags, environment_params
+from harness.tracking.records import clean_params, dataset_tags, environment_tags
 from harness.tracking.redact import redact
 from harness.tracking.registry import (
     BLURRED_TAG,
@@ -30,5 +30,5 @@ from harness.tracking.run import MlflowTracker, Tracker
 create = Tracker.create
 
 __all__ = ["BLURRED_TAG", "CHAMPION", "OFFLINE_FILE", "PSNR_TAG", "TEST_PSNR_TAG", "MlflowTracker", "Tracker",
-           "clean_params", "create", "dataset_tags", "environment_params", "fetch_weights", "promote", "redact",
+           "clean_params", "create", "dataset_tags", "environment_tags", "fetch_weights", "promote", "redact",
            "registry_rows", "replay", "resolve_tracking_uri"]

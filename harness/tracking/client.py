@@ -56,19 +56,33 @@ def set_global_tracking_uri(uri: str) -> None:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
+# What an experiment is about: MLflow 3 UIs open an experiment without this tag in their GenAI
+# view (traces, judges, no metric columns); the UI sets it itself when a user switches.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI no longer reads the tag to pick the view: it takes the mode from its "GenAI |
+# Model training" switch (kept in the browser, GenAI on a first visit) or from this query of the
+# page's link, so the links the harness prints carry it (`run_url`).
+WORKFLOW_QUERY = "workflowType=machine_learning"
+
+
 def get_or_create_experiment(client, name: str) -> str:
+    """The experiment's id, created when missing, tagged as a model-training experiment (an existing
+    one without the tag gets it; a kind set by a user, say in the UI, is left as it is)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created meanwhile by a parallel run (Tune trials)
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by a parallel run (Tune trials)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        with safely(f"tag experiment {name!r} as {EXPERIMENT_KIND}"):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 def is_outage(exc: BaseException) -> bool:
     """True when the server could not be reached (retry later), False when it refused the record."""
@@ -112,8 +126,9 @@ def never_raises(method):
 
 def run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str:
     """The run's page: its URL on a tracking server, or for a local store the `mlflow ui` command
-    and the page's address once it runs (MLflow's default port)."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    and the page's address once it runs (MLflow's default port); in the UI's model-training mode
+    (WORKFLOW_QUERY)."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?{WORKFLOW_QUERY}"
     uri = redact(tracking_uri)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.tracking.client import mlflow_client
+from harness.tracking.client import mlflow_client, safely
 from harness.tracking.redact import redact, short_error
 
 log = logging.getLogger("harness.tracking")
@@ -29,9 +29,12 @@ BLURRED_TAG = "blurred_psnr"  # the same set's blurred-input PSNR: no champion b
 
 
 def log_and_register(client, run_id: str, weights: Path, psnr: float, *, metric: str = PSNR_TAG,
-                     blurred_psnr: float | None = None, registered_model: str | None = None) -> int | None:
-    """Log `weights` as the run's pyfunc model; register it as `registered_model` (when set) with
-    its PSNR tags and maybe make it champion -> the version, or None when not registered."""
+                     blurred_psnr: float | None = None, registered_model: str | None = None,
+                     final_metrics: list[dict] | None = None, about: dict | None = None) -> int | None:
+    """Log `weights` as the run's pyfunc model, named after its architecture (`mimo-unet-plus`),
+    with the run's final metrics (`final_metrics`, from the tracker), params and a description
+    (`describe_model`); register it as `registered_model` (when set) with its PSNR tags and maybe
+    make it champion -> the version, or None when not registered."""
     import mlflow
 
     from harness.models import read_checkpoint
@@ -40,18 +43,101 @@ def log_and_register(client, run_id: str, weights: Path, psnr: float, *, metric:
     ckpt = read_checkpoint(weights)
     metadata = {"model_name": ckpt["model_name"], "model_overrides": ckpt["model_overrides"],
                 metric: psnr, BLURRED_TAG: blurred_psnr}
-    info = log_deblur_model(weights, metadata=metadata)
+    info = log_deblur_model(weights, name=logged_model_name(ckpt["model_name"]), metadata=metadata)
+    description = describe_model(ckpt["model_name"], ckpt["model_overrides"], psnr, metric=metric,
+                                 blurred_psnr=blurred_psnr, about=about or {})
+    with safely("describe the logged model"):  # a model without its description is still a model
+        _annotate_logged_model(client, run_id, info.model_id, ckpt, description, psnr, metric=metric,
+                               blurred_psnr=blurred_psnr, final_metrics=final_metrics or [], about=about or {})
     if not registered_model:
         return None
     tags = {metric: repr(float(psnr)), "mimo.run_id": run_id}
     if blurred_psnr is not None:
         tags[BLURRED_TAG] = repr(float(blurred_psnr))
     version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
+    with safely("describe the model version"):
+        client.update_model_version(registered_model, version.version, description=description)
     promoted = maybe_promote(client, registered_model, version.version, psnr, metric=metric,
                              blurred_psnr=blurred_psnr)
     log.info("tracking: registered %s version %s (%s %.3f dB)%s", registered_model, version.version, metric,
              psnr, f", now @{CHAMPION}" if promoted else "")
     return int(version.version)
+
+
+_ARCHITECTURES = {"mimo-unet": "MIMO-UNet", "mimo-unet-plus": "MIMO-UNet+"}
+
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a logged model's description
+
+
+def logged_model_name(model_name: str) -> str:
+    """The LoggedModel's name: the architecture (MLflow refuses / : . % and quotes in it)."""
+    return re.sub(r"[/:.%\"']", "_", str(model_name)) or "model"
+
+
+def _variant(model_name: str, overrides: dict | None) -> str:
+    label = _ARCHITECTURES.get(model_name, model_name)
+    if overrides:
+        label += " (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+    return label
+
+
+def describe_model(model_name: str, overrides: dict | None, psnr: float, *, metric: str = PSNR_TAG,
+                   blurred_psnr: float | None = None, about: dict | None = None) -> str:
+    """One paragraph saying what a logged model is: variant, steps trained, its score and how that
+    score was measured (the set, the protocol, precision, ensemble, device)."""
+    about = about or {}
+    which = "test" if metric.startswith("test") else "validation"
+    scores = about.get("scores") or {}
+    parts = [f"{_variant(model_name, overrides)} deblurring model"]
+    if about.get("steps") is not None:
+        parts[0] += f", trained {about['steps']} steps"
+    if about.get("run_name"):
+        parts[0] += f" (run {about['run_name']})"
+    score = f"{which} PSNR {psnr:.2f} dB"
+    ssim = next((v for k, v in scores.items() if k.endswith("/ssim")), None)
+    if ssim is not None:
+        score += f", SSIM {ssim:.4f}"
+    if blurred_psnr is not None:
+        score += f" (blurred input {blurred_psnr:.2f} dB)"
+    if about.get("dataset"):
+        score += f" on {about['dataset']}"
+    parts.append(score[0].upper() + score[1:])
+    ev = about.get("eval") or {}
+    protocol = ("Scored under the `default` protocol (the MIMO-UNet reference: RGB in [0, 1], full frame, "
+                "data range 1, scikit-image PSNR and Gaussian SSIM)")
+    settings = ", ".join(f"{k} {ev[k]}" for k in ("precision", "ensemble", "device") if ev.get(k))
+    parts.append(protocol + (f", {settings}" if settings else ""))
+    parts.append("A pyfunc: PNG/JPEG bytes in, deblurred PNG out "
+                 "(`mlflow models serve`, `mimo deblur --weights models:/...`)")
+    return ". ".join(parts) + "."
+
+
+def _annotate_logged_model(client, run_id: str, model_id: str, ckpt: dict, description: str, psnr: float, *,
+                           metric: str, blurred_psnr: float | None, final_metrics: list[dict],
+                           about: dict) -> None:
+    """The LoggedModel's metrics (the run's final points, with their datasets) and tags: description,
+    architecture, steps trained, how it was scored."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(m["key"], float(m["value"]), int(m["timestamp"]), int(m["step"]), model_id=model_id,
+                      dataset_name=m.get("dataset_name"), dataset_digest=m.get("dataset_digest"))
+               for m in final_metrics if math.isfinite(float(m["value"]))]
+    for i in range(0, len(metrics), 1000):
+        # The run's own last points, now also the model's: same key/value/step/timestamp, so the
+        # run's history is unchanged (MLflow skips a point it already has).
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    # Params: MLflow gives the model its run's params (the recipe) by itself.
+    tags = {DESCRIPTION_TAG: description,
+            "mimo.architecture": _variant(ckpt["model_name"], ckpt["model_overrides"]),
+            "mimo.eval.protocol": "default", metric: repr(float(psnr)), "mimo.run_id": run_id}
+    if blurred_psnr is not None:
+        tags[BLURRED_TAG] = repr(float(blurred_psnr))
+    if about.get("steps") is not None:
+        tags["mimo.trained_steps"] = str(about["steps"])
+    if about.get("dataset"):
+        tags["mimo.eval.dataset"] = str(about["dataset"])
+    tags.update({f"mimo.eval.{k}": str(v) for k, v in (about.get("eval") or {}).items()})
+    client.set_logged_model_tags(model_id, tags)
 
 
 def psnr_of(version, metric: str = PSNR_TAG) -> float:

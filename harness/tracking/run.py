@@ -30,7 +30,17 @@ from harness.tracking.client import (
     set_global_tracking_uri,
 )
 from harness.tracking.offline import OFFLINE_FILE, PENDING_DIR, read_offline
-from harness.tracking.records import clean_params, environment_params, image_key, triptych_image
+from harness.tracking.records import (
+    COUNTER_TAGS,
+    clean_params,
+    dataset_inputs,
+    environment_tags,
+    image_key,
+    metric_name,
+    metric_value,
+    triptych_caption,
+    triptych_image,
+)
 from harness.tracking.redact import redact, redact_value, redacted_copy, redacted_stdout, short_error
 from harness.tracking.registry import PSNR_TAG
 
@@ -107,14 +117,20 @@ class MlflowTracker(Tracker):
         self._history: dict[str, set[int]] = {}  # steps the run had before we resumed it
         self._last_step: dict[str, int] = {}
         self._params: dict[str, str] = {}  # params the run already has (they cannot change)
+        # The last point of each metric (MLflow name -> value, step, timestamp): what the logged
+        # model gets as its metrics, re-sent exactly so the run's history gains no duplicate.
+        self._final: dict[str, dict] = {}
+        self._counters: dict[str, str] = {}  # counter tags (skipped steps, image counts) last set
+        self._tags: dict[str, str] = {}  # tags set through this tracker (the model's description reads them)
+        self._datasets: dict[str, dict] = {}  # dataset context -> its input record (dataset_inputs)
         self._status_before: str | None = None  # a resumed run's status before we resumed it
         self._monitor = None
         # Records spilled to the offline file (by this tracker or an earlier launch of the run) are
         # sent, oldest first, before the queue once the server answers (`replay` reads it itself).
         self._catch_up = catch_up and (self.run_dir / OFFLINE_FILE).is_file()
         self._catch_up_enabled = catch_up
-        if log_environment:
-            self._queue.append({"kind": "params", "params": environment_params()})
+        if log_environment:  # where this launch runs: run tags (mimo.env.*), not params
+            self._queue.append({"kind": "tags", "tags": environment_tags()})
         self._flush(force=True)
 
     # -- public API --------------------------------------------------------------------
@@ -125,26 +141,53 @@ class MlflowTracker(Tracker):
 
     @never_raises
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._submit({"kind": "tags", "tags": {k: redact_value(k, v) for k, v in tags.items()}})
+        """Set run tags; `dataset.<name>.*` tags (records.dataset_tags) also log the shard sets as
+        the run's MLflow dataset inputs (context train / validation / test)."""
+        tags = {k: redact_value(k, v) for k, v in tags.items()}
+        self._tags.update(tags)
+        self._submit({"kind": "tags", "tags": tags})
+        datasets = dataset_inputs(tags)
+        if datasets:
+            self._datasets.update({d["context"]: d for d in datasets})
+            self._submit({"kind": "inputs", "datasets": datasets})
 
     @never_raises
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        values = {}
+        """Log log.jsonl-named metrics under their MLflow names (records.METRIC_NAMES: `train/loss`,
+        `val/psnr`, ...); counters go to run tags (records.COUNTER_TAGS) or nowhere."""
+        values, counters = {}, {}
+        timestamp = now_ms()
         for key, value in metrics.items():
-            if value is None or step <= self._last_step.get(key, -1) or step in self._history.get(key, ()):
-                continue  # resumed run: this step was logged before the restart
-            values[key] = float(value)
-            self._last_step[key] = step
+            if value is None:
+                continue
+            if key in COUNTER_TAGS:
+                text = str(int(value))
+                if self._counters.get(key) != text:
+                    counters[COUNTER_TAGS[key]] = self._counters[key] = text
+            name = metric_name(key)
+            if name is None or step <= self._last_step.get(name, -1) or step in self._history.get(name, ()):
+                continue  # a counter, or a resumed run: this step was logged before the restart
+            values[name] = metric_value(key, float(value))
+            self._last_step[name] = step
+            self._final[name] = {"value": values[name], "step": int(step), "timestamp": timestamp}
+        if counters:
+            self._submit({"kind": "tags", "tags": counters})
         if values:
-            self._submit({"kind": "metrics", "step": int(step), "timestamp": now_ms(), "metrics": values})
+            self._submit({"kind": "metrics", "step": int(step), "timestamp": timestamp, "metrics": values})
 
     @never_raises
     def log_triptychs(self, items: Iterable[tuple], step: int) -> None:
+        """One image per (name, blurred, restored, sharp, restored PSNR), captioned with the blurred
+        input's PSNR (computed here) and the restored one, under its own key per step (image_key)."""
+        from harness.metrics import psnr as psnr_of
+
         for name, blur, restored, sharp, psnr in items:
-            caption = f"{name}  blurred | restored {float(psnr):.2f} dB | sharp"
-            path = self._pending_path(f"{image_key(name).replace('/', '_')}-step{step}", ".png")
+            blurred = float(psnr_of(blur[None].float(), sharp[None].float())[0])
+            caption = triptych_caption(str(name), blurred, float(psnr))
+            key = image_key(name, step)
+            path = self._pending_path(key.replace("/", "_"), ".png")
             triptych_image(blur, restored, sharp, caption).save(path)
-            self._submit({"kind": "image", "path": str(path), "key": image_key(name), "step": int(step)})
+            self._submit({"kind": "image", "path": str(path), "key": key, "step": int(step)})
 
     @never_raises
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -161,8 +204,36 @@ class MlflowTracker(Tracker):
         copy = self._pending_path(Path(weights_path).stem, Path(weights_path).suffix)
         shutil.copy2(weights_path, copy)
         op = self._submit({"kind": "model", "weights": str(copy), "val_psnr": float(val_psnr), "metric": metric,
-                           "blurred_psnr": None if blurred_psnr is None else float(blurred_psnr)})
+                           "blurred_psnr": None if blurred_psnr is None else float(blurred_psnr),
+                           "final_metrics": self._model_metrics(), "about": self._model_about(metric)})
         return op.get("version")
+
+    def _model_metrics(self) -> list[dict]:
+        """The run's last train/val/test points, for the logged model (with the dataset each was
+        measured on): the same key, value, step and timestamp, so re-sending them adds nothing to
+        the run's own history."""
+        contexts = {"train": "train", "val": "validation", "test": "test"}
+        out = []
+        for name, point in sorted(self._final.items()):
+            section = name.split("/", 1)[0]
+            if section not in contexts or name.startswith("train/") and name != "train/loss":
+                continue
+            dataset = self._datasets.get(contexts[section])
+            where = {"dataset_name": dataset["name"], "dataset_digest": dataset["digest"]} if dataset else {}
+            out.append({"key": name, **point, **where})
+        return out
+
+    def _model_about(self, metric: str) -> dict:
+        """What the model's description says besides its PSNR: steps trained, how it was scored."""
+        name = metric_name(metric) or metric
+        point = self._final.get(name)
+        steps = point["step"] if point else max((p["step"] for p in self._final.values()), default=None)
+        context = "test" if name.startswith("test/") else "validation"
+        dataset = self._datasets.get(context)
+        final = {k: p["value"] for k, p in self._final.items() if k.startswith(name.split("/")[0] + "/")}
+        return {"steps": steps, "metric": name, "scores": final, "dataset": dataset["name"] if dataset else None,
+                "eval": {k.split(".")[-1]: v for k, v in self._tags.items() if k.startswith("mimo.eval.")},
+                "run_name": self.cfg.run_name}
 
     @never_raises
     def persist(self) -> None:
@@ -362,7 +433,20 @@ class MlflowTracker(Tracker):
     def _load_history(self, run) -> None:
         self._params = dict(run.data.params)
         for key in run.data.metrics:
-            self._history[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            history = self.client.get_metric_history(self.run_id, key)
+            self._history[key] = {m.step for m in history}
+            if history and key not in self._final:  # what this launch logs later replaces it
+                last = max(history, key=lambda m: (m.step, m.timestamp))
+                self._final[key] = {"value": last.value, "step": last.step, "timestamp": last.timestamp}
+        # A tracker that only registers the model of an earlier launch (tune's best trial) still
+        # knows the run's datasets and evaluation settings for the model's metrics and description.
+        for item in getattr(run.inputs, "dataset_inputs", None) or []:
+            context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), None)
+            if context:
+                self._datasets.setdefault(context, {"name": item.dataset.name, "digest": item.dataset.digest})
+        for key, value in run.data.tags.items():
+            if key.startswith("mimo.eval."):
+                self._tags.setdefault(key, value)
 
     def _start_system_metrics(self, resumed: bool) -> None:
         if not self.cfg.system_metrics:
@@ -414,13 +498,17 @@ class MlflowTracker(Tracker):
             ]
             if metrics:
                 self.client.log_batch(self.run_id, metrics=metrics)
+        elif kind == "inputs":
+            from harness.tracking.records import dataset_entity
+
+            self.client.log_inputs(self.run_id, datasets=[dataset_entity(d) for d in op["datasets"]])
         elif kind == "image":
             self._send_image(op)
         elif kind == "artifact":
             self._send_artifact(Path(op["path"]), op.get("artifact_path"))
         elif kind == "model":
             op["version"] = self._send_model(Path(op["weights"]), op["val_psnr"], op.get("metric", PSNR_TAG),
-                                             op.get("blurred_psnr"))
+                                             op.get("blurred_psnr"), op.get("final_metrics"), op.get("about"))
         elif kind == "end":
             self._end_run(op["status"])
             self._started = False
@@ -461,7 +549,8 @@ class MlflowTracker(Tracker):
         with redacted_copy(path) as upload:
             self.client.log_artifact(self.run_id, str(upload), artifact_path)
 
-    def _send_model(self, weights: Path, psnr: float, metric: str = PSNR_TAG,
-                    blurred_psnr: float | None = None) -> int | None:
+    def _send_model(self, weights: Path, psnr: float, metric: str = PSNR_TAG, blurred_psnr: float | None = None,
+                    final_metrics: list[dict] | None = None, about: dict | None = None) -> int | None:
         return registry.log_and_register(self.client, self.run_id, weights, psnr, metric=metric,
-                                         blurred_psnr=blurred_psnr, registered_model=self.cfg.registered_model)
+                                         blurred_psnr=blurred_psnr, registered_model=self.cfg.registered_model,
+                                         final_metrics=final_metrics, about=about)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.tracking.client import get_or_create_experiment, log_params, mlflow_client, now_ms, safely
-from harness.tracking.records import clean_params, environment_params
+from harness.tracking.records import clean_params, environment_tags
 from harness.tune.spec import EXPERIMENT_TAG, TRIAL_TAG, TuneSpec
 
 PARENT_TAG = "mimo.tune.parent"
@@ -24,7 +24,7 @@ def start_parent_run(spec: TuneSpec) -> None:
         client = mlflow_client(spec.tracking_uri)
         spec.experiment_id = get_or_create_experiment(client, cfg.experiment)
         run = client.create_run(spec.experiment_id, run_name=spec.name,
-                                tags={EXPERIMENT_TAG: str(spec.exp_dir), PARENT_TAG: "true"})
+                                tags={EXPERIMENT_TAG: str(spec.exp_dir), PARENT_TAG: "true", **environment_tags()})
         spec.parent_run_id = run.info.run_id
     if not spec.parent_run_id:
         return
@@ -35,7 +35,7 @@ def start_parent_run(spec: TuneSpec) -> None:
                    ("max_concurrent", spec.max_concurrent), ("scheduler", spec.scheduler),
                    ("resources", spec.resources), ("seed", spec.seed))})
     with safely("tune: log the search space"):
-        log_params(client, spec.parent_run_id, {**clean_params(params), **environment_params()})
+        log_params(client, spec.parent_run_id, clean_params(params))
 
 
 def trial_runs(spec: TuneSpec) -> dict[str, str]:
