@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -36,6 +37,10 @@ def setup(*, verbose: bool, is_main: bool) -> None:
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     if verbose:
         return
+    # MLflow sets its own logger's level when it is imported (later, lazily): tell it by its variables
+    # (ERROR: its WARNINGs on every model log are advice about serialization, not about the run).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for category, message in _NOISE:

@@ -39,6 +39,7 @@ SUMMARY = "summary.json"
 STOP_POLL = 10  # steps between cross-rank checks for a stop signal (when logging is sparser)
 LOG = "log.jsonl"
 WEIGHTS = "weights.pkl"
+EVAL_PROTOCOL = "default"  # the paper's: RGB, data range 1, full frame (harness.protocols)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -308,7 +309,8 @@ class Run:
         # How validation/test numbers are made (their metrics carry val_/test_seconds_per_image).
         e = self.recipe.eval
         self.tracker.set_tags({"mimo.eval.device": str(next(self.eval_model.parameters()).device),
-                               "mimo.eval.precision": e.precision, "mimo.eval.ensemble": _ensemble_name(self.recipe)})
+                               "mimo.eval.precision": e.precision, "mimo.eval.ensemble": _ensemble_name(self.recipe),
+                               "mimo.eval.protocol": EVAL_PROTOCOL})
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -543,7 +545,8 @@ class Run:
         self.engine.train()
         means = [t / count for t in totals[:4]]
         settings = {"device": str(next(self.eval_model.parameters()).device), "precision": e.precision,
-                    "ensemble": _ensemble_name(self.recipe), "seconds_per_image": totals[4] / count}
+                    "ensemble": _ensemble_name(self.recipe), "protocol": EVAL_PROTOCOL,
+                    "seconds_per_image": totals[4] / count}
         return [*means, count], settings
 
     def _eval_weights(self) -> dict:
@@ -593,7 +596,7 @@ class Run:
                    "blurred_psnr": metrics.get("blurred_psnr"),
                    **{k: test.get(k) for k in ("test_psnr", "test_ssim", "test_blurred_psnr", "test_images")},
                    "eval": {"precision": self.recipe.eval.precision, "ensemble": _ensemble_name(self.recipe),
-                            "device": str(self.engine.device)},
+                            "device": str(self.engine.device), "protocol": EVAL_PROTOCOL},
                    "best_psnr": self.state.best_psnr if self.state.best_step >= 0 else None,
                    "best_step": self.state.best_step if self.state.best_step >= 0 else None,
                    "skipped_steps": self.state.skipped, "world_size": self.world.size, **perf,

@@ -58,14 +58,14 @@ def test_bf16_run_validates_in_fp32_chooses_on_val_reports_test_and_mimo_eval_ag
     vals, tests = _of(events, "validation"), _of(events, "test")
     assert [v["step"] for v in vals] == [4, 8]
     for v in vals:  # the protocol travels with every validation
-        assert (v["device"], v["precision"], v["ensemble"]) == ("cpu", "fp32", "none")
+        assert (v["device"], v["precision"], v["ensemble"], v["protocol"]) == ("cpu", "fp32", "none", "default")
         assert v["seconds_per_image"] > 0 and v["val_images"] == 4 and "test_psnr" not in v
     # data.test: scored once, at the end, after the last training step and validation
     assert [t["step"] for t in tests] == [8] and tests[0]["test_images"] == 16
     assert events.index(tests[0]) > max(i for i, e in enumerate(events) if e["event"] in ("train", "validation"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_psnr"] == tests[0]["test_psnr"] and summary["test_ssim"] == tests[0]["test_ssim"]
-    assert summary["eval"] == {"precision": "fp32", "ensemble": "none", "device": "cpu"}
+    assert summary["eval"] == {"precision": "fp32", "ensemble": "none", "device": "cpu", "protocol": "default"}
     # best follows validation only
     best = max(vals, key=lambda v: v["val_psnr"])
     assert (summary["best_psnr"], summary["best_step"]) == (best["val_psnr"], best["step"])

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
 import re
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,10 @@ def log_and_register(client, run_id: str, weights: Path, psnr: float, *, metric:
     import mlflow
 
     from harness.models import read_checkpoint
-    from harness.pyfunc import log_deblur_model
+
+    with warnings.catch_warnings():  # MLflow's advice to type-hint `predict` is about our class, not the run
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method", category=UserWarning)
+        from harness.pyfunc import log_deblur_model
 
     ckpt = read_checkpoint(weights)
     metadata = {"model_name": ckpt["model_name"], "model_overrides": ckpt["model_overrides"],
@@ -54,7 +59,8 @@ def log_and_register(client, run_id: str, weights: Path, psnr: float, *, metric:
     tags = {metric: repr(float(psnr)), "mimo.run_id": run_id}
     if blurred_psnr is not None:
         tags[BLURRED_TAG] = repr(float(blurred_psnr))
-    version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered" prints: our line below says it
+        version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
     with safely("describe the model version"):
         client.update_model_version(registered_model, version.version, description=description)
     promoted = maybe_promote(client, registered_model, version.version, psnr, metric=metric,
