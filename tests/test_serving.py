@@ -28,7 +28,7 @@ from harness.infer import deblur
 from harness.models import create_model, model_from_checkpoint, save_weights
 from harness.pyfunc import save_deblur_model
 from tests.conftest import free_port
-from tests.fixtures.launch import Background, stop_group
+from tests.fixtures.launch import Background, http_ok, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -178,20 +178,12 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
 def test_served_formats_give_mimo_deblurs_png_and_bad_requests_one_line(served, server):
-    server.wait_for(lambda: _ready(server.url), timeout=180)
+    server.wait_for(lambda: http_ok(f"{server.url}/ping"), timeout=180)
     names = ["rgb", "rgba", "grey"]
     images = [_b64((served["in"] / f"{n}.png").read_bytes()) for n in names]
     bodies = {
