@@ -135,9 +135,12 @@ def test_ray_up_and_ray_submit_on_prem_config(train_shards, tmp_path):
     root = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths live under it
     sshd = Sshd(root)
     name = f"mimo-test-{sshd.port}"
-    ray_ports = {k: free_port() for k in ("port", "ray_client_server_port", "dashboard_agent_listen_port",
-                                          "dashboard_agent_grpc_port", "runtime_env_agent_port",
-                                          "metrics_export_port", "node_manager_port", "object_manager_port")}
+    names = ("port", "ray_client_server_port", "dashboard_agent_listen_port", "dashboard_agent_grpc_port",
+             "runtime_env_agent_port", "metrics_export_port", "node_manager_port", "object_manager_port")
+    ports: set[int] = set()
+    while len(ports) < len(names):  # free_port() may hand out a port twice: Ray refuses shared ports
+        ports.add(free_port())
+    ray_ports = dict(zip(names, sorted(ports)))
     config_path = root / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(launcher_config(sshd, name, ray_ports, root / "ray")))
     env = {**os.environ, **RAY_ENV, "PATH": f"{sshd.bin}{os.pathsep}{os.environ['PATH']}"}
