@@ -90,9 +90,10 @@ def _db(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} dB"
 
 
-def summary_block(s: dict, *, scores: dict[str, dict], weights: str | None, mlflow: str | None) -> str:
-    """The end-of-run block: what was trained, the final and best numbers and where they were
-    measured, the files, and the MLflow run page."""
+def summary_block(s: dict, *, scores: dict[str, dict]) -> str:
+    """The end-of-run block of summary.json `s`: what was trained, the final and best numbers and
+    where they were measured, the files, and the MLflow run page."""
+    weights, mlflow = s.get("checkpoint"), s.get("mlflow_run_url")
     done = "stopped by signal at" if s["stopped"] else "finished"
     speed = f", {s['images_per_sec']:.1f} images/s" if s.get("images_per_sec") else ""
     lines = [f"train: {done} step {s['final_step']}/{s['total_steps']} on {s['world_size']} rank(s){speed}"]

@@ -613,8 +613,7 @@ class Run:
                 tmp.write_text(json.dumps(summary, indent=2))
         self.tracker.close("KILLED" if self.stop_requested else "FINISHED")
         if self.world.is_main:
-            print(console.summary_block(summary, scores=self.scores, weights=summary["checkpoint"],
-                                        mlflow=summary["mlflow_run_url"]), file=sys.stderr, flush=True)
+            print(console.summary_block(summary, scores=self.scores), file=sys.stderr, flush=True)
         distributed.barrier()
         return summary
 
